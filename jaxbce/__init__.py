@@ -1,0 +1,21 @@
+"""jaxbce: accurate, fast sigmoid binary cross-entropy for JAX."""
+
+from jaxbce._classification import binary_cross_entropy as binary_cross_entropy
+from jaxbce._classification import (
+    binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,
+)
+from jaxbce._classification import pos_weight_from_labels as pos_weight_from_labels
+from jaxbce._classification import (
+    sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
+)
+from jaxbce._validation import check_inputs as check_inputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "check_inputs",
+    "pos_weight_from_labels",
+    "sigmoid_binary_cross_entropy",
+]

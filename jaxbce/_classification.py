@@ -1,0 +1,248 @@
+"""Binary cross-entropy from logits and from probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxbce import _common, _core
+
+
+def binary_cross_entropy_with_logits(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    ignore_index: Any = None,
+    axis: int | Sequence[int] | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Sigmoid binary cross-entropy from logits, stable for every logit including +-inf.
+
+    For a logit :math:`z`, label :math:`y` and positive-class weight :math:`w_+`,
+
+    .. math::
+        \ell(z, y) = w \left[ w_+ y \operatorname{softplus}(-z)
+                      + (1 - y) \operatorname{softplus}(z) \right],
+        \qquad \frac{\partial \ell}{\partial z}
+              = w \left[(1 - y)\,\sigma(z) - w_+ y\,\sigma(-z)\right],
+
+    which is :math:`w(\sigma(z) - y)` for :math:`w_+ = 1`. The loss is evaluated with one
+    ``exp`` and one ``log1p`` per element and no cancellation; the gradient comes from a
+    ``jax.custom_jvp`` rule sharing the same ``exp``, so XLA fuses loss and gradient into
+    one pass over memory. Hard labels drop their unused term exactly, so the loss is 0 at
+    ``(z=+inf, y=1)`` and ``(z=-inf, y=0)``, ``+inf`` on the wrong side of an infinite
+    logit and for soft labels there, and the gradient stays finite. NaN in gives NaN out,
+    except in entries masked out by ``where`` or ``ignore_index``, which are replaced by 0
+    before the loss and contribute nothing, not even NaN.
+
+    Semantics follow PyTorch's ``binary_cross_entropy_with_logits``, plus options it lacks.
+
+    Args:
+      logits: float array of any shape ``[...]`` (float16, bfloat16, float32, float64).
+        Arithmetic runs in at least float32.
+      labels: array of exactly the shape of ``logits`` (never broadcast), float in
+        [0, 1], bool or integer; converted inside the fused computation.
+      weight: optional per-element weight, broadcastable to ``logits.shape``.
+      pos_weight: optional weight of the positive term, broadcast along trailing axes:
+        shape ``[C]`` weights each class of ``[B, C]`` multi-label logits.
+      label_smoothing: ``eps`` in [0, 1]; labels become ``y * (1 - eps) + eps / 2``.
+      where: optional bool mask broadcastable to ``logits.shape``; False entries
+        contribute nothing and are not counted by ``"mean"``.
+      ignore_index: entries whose label equals this value are masked out as by ``where``
+        (missing labels in multi-label data).
+      axis: int or tuple of ints to reduce over; None (default) reduces over all axes.
+      reduction: ``"mean"`` (default; divides by the number of selected entries, also when
+        ``weight`` is given, as PyTorch does), ``"sum"``, ``"none"`` or
+        ``"weighted_mean"`` (``sum(weight * loss) / sum(weight)``, pytorch #54843).
+        A mean over zero selected entries is 0 with a zero gradient.
+
+    Returns:
+      The loss in the dtype of ``logits``: shape ``logits.shape`` for ``"none"``, a scalar
+      when ``axis`` is None, else ``logits.shape`` without the reduced axes.
+
+    Raises:
+      TypeError: non-float logits; complex or non-numeric labels; non-bool ``where``.
+      ValueError: labels' shape differs from logits'; ``weight``, ``pos_weight`` or
+        ``where`` do not broadcast to the logits' shape; unknown ``reduction``; ``axis``
+        out of range; ``label_smoothing`` outside [0, 1].
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxbce
+      >>> logits = jnp.array([[2.0, -1.0], [0.5, jnp.inf]])
+      >>> labels = jnp.array([[1, 0], [0, 1]])
+      >>> print(jaxbce.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+      [[0.126928   0.3132617 ]
+       [0.974077   0.        ]]
+      >>> print(jaxbce.binary_cross_entropy_with_logits(logits, labels, axis=-1))
+      [0.21998537 0.4870385 ]
+
+    References:
+      PyTorch ``torch.nn.BCEWithLogitsLoss``; optax ``sigmoid_binary_cross_entropy``;
+      Keras ``BinaryCrossentropy(from_logits=True, label_smoothing=...)``.
+    """
+    logits = _common.check_float_array(logits, "logits")
+    shape, dtype = logits.shape, logits.dtype
+    cdt = _common.compute_dtype(dtype)
+    labels = _common.check_labels(labels, shape)
+    axis = _common.normalize_axis(axis, logits.ndim)
+    _common.check_reduction(reduction)
+    weight = _common.check_broadcast(weight, "weight", shape, cdt)
+    pos_weight = _common.check_broadcast(pos_weight, "pos_weight", shape, cdt)
+    mask = _common.make_mask(where, labels, ignore_index, shape)
+
+    z, y = logits.astype(cdt), labels.astype(cdt)
+    z, y = _common.apply_mask(mask, z, y)
+    y = _common.smooth_labels(y, label_smoothing)
+    loss = _core.bce_with_logits(z, y, pos_weight)
+    return _common.reduce_loss(
+        loss, weight=weight, mask=mask, axis=axis, reduction=reduction, dtype=dtype
+    )
+
+
+def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
+    r"""Drop-in for ``optax.losses.sigmoid_binary_cross_entropy``: per-element loss.
+
+    .. math:: \ell(z, y) = -y \log \sigma(z) - (1 - y) \log \sigma(-z)
+
+    Same signature and output as optax (per-element loss, the shape and dtype of
+    ``logits``), computed by the same core as :func:`binary_cross_entropy_with_logits`:
+    exact at infinite logits, accurate gradient, and labels must match the logits' shape
+    exactly (optax silently turns ``(B, 1)`` logits and ``(B,)`` labels into ``(B, B)``).
+
+    Args:
+      logits: float array ``[...]``.
+      labels: array of the same shape: float in [0, 1], bool or integer.
+
+    Returns:
+      The per-element loss, shape and dtype of ``logits``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxbce
+      >>> print(jaxbce.sigmoid_binary_cross_entropy(jnp.array([0.0, 3.0]), jnp.array([1.0, 0.0])))
+      [0.6931472 3.0485873]
+    """
+    return binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+
+def binary_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    ignore_index: Any = None,
+    axis: int | Sequence[int] | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Binary cross-entropy on probabilities, PyTorch ``BCELoss`` semantics.
+
+    .. math::
+        \ell(p, y) = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100)
+                     \right], \qquad
+        \frac{\partial \ell}{\partial p} = w \frac{p - y}{\max(p (1 - p), 10^{-12})}
+
+    Each log term is clamped at -100 so that ``p = 0`` or ``p = 1`` gives a finite loss,
+    and the gradient (a ``custom_jvp`` rule, as PyTorch's backward) is finite there too.
+
+    Prefer :func:`binary_cross_entropy_with_logits` whenever the model can output logits:
+    ``sigmoid`` rounds to exactly 0 or 1 in float32 once ``|z|`` exceeds about 17 (resp.
+    88 on the negative side), after which this loss saturates at the clamp (100) and its
+    gradient is wrong or vanishes; from logits the loss and the ``sigmoid(z) - y``
+    gradient stay exact for every logit.
+
+    Args:
+      probs: float array ``[...]`` of probabilities in [0, 1].
+      labels: array of exactly the shape of ``probs``: float in [0, 1], bool or integer.
+      weight: optional per-element weight, broadcastable to ``probs.shape``.
+      where: optional bool mask broadcastable to ``probs.shape``.
+      ignore_index: entries whose label equals this value are masked out.
+      axis: int or tuple of ints to reduce over; None reduces over all axes.
+      reduction: ``"mean"`` (default), ``"sum"``, ``"none"`` or ``"weighted_mean"``.
+
+    Returns:
+      The loss in the dtype of ``probs``, shaped as for
+      :func:`binary_cross_entropy_with_logits`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxbce
+      >>> p = jnp.array([0.9, 0.2, 0.0])
+      >>> y = jnp.array([1.0, 0.0, 1.0])
+      >>> print(jaxbce.binary_cross_entropy(p, y, reduction="none"))
+      [  0.10536055   0.22314353 100.        ]
+
+    References:
+      PyTorch ``torch.nn.BCELoss``.
+    """
+    probs = _common.check_float_array(probs, "probs")
+    shape, dtype = probs.shape, probs.dtype
+    cdt = _common.compute_dtype(dtype)
+    labels = _common.check_labels(labels, shape, target="probs")
+    axis = _common.normalize_axis(axis, probs.ndim)
+    _common.check_reduction(reduction)
+    weight = _common.check_broadcast(weight, "weight", shape, cdt, target="probs")
+    mask = _common.make_mask(where, labels, ignore_index, shape)
+
+    p, y = probs.astype(cdt), labels.astype(cdt)
+    p, y = _common.apply_mask(mask, p, y)
+    loss = _core.bce_on_probs(p, y)
+    return _common.reduce_loss(
+        loss, weight=weight, mask=mask, axis=axis, reduction=reduction, dtype=dtype
+    )
+
+
+def pos_weight_from_labels(
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    ignore_index: Any = None,
+    axis: int | Sequence[int] = 0,
+    max_weight: float | None = None,
+) -> jax.Array:
+    r"""Per-class ``pos_weight = n_negative / n_positive``, for imbalanced data.
+
+    Counts positives (the label mass ``sum(y)``: the count for hard labels) and
+    negatives over ``axis`` (the batch axis by default). A class with no positives gets weight 1 (no
+    reweighting) instead of inf; ``max_weight`` optionally caps the result.
+
+    Args:
+      labels: ``[N, C]`` (or any shape) labels: float in [0, 1], bool or integer.
+      where: optional bool mask of the same broadcastable shape; False entries are not
+        counted (missing labels).
+      ignore_index: label value of missing entries, not counted.
+      axis: axes to count over (default 0).
+      max_weight: optional upper bound on the returned weights.
+
+    Returns:
+      float32 array of the shape of ``labels`` without ``axis``, e.g. ``[C]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxbce
+      >>> y = jnp.array([[1, 0], [0, 0], [0, 0], [0, 0]])
+      >>> print(jaxbce.pos_weight_from_labels(y))
+      [3. 1.]
+    """
+    labels = _common.check_labels(labels, jnp.shape(labels))
+    shape = labels.shape
+    axis = _common.normalize_axis(axis, labels.ndim)
+    mask = _common.make_mask(where, labels, ignore_index, shape)
+    y = labels.astype(jnp.float32)
+    sel = jnp.ones(shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    (y,) = _common.apply_mask(mask, y)
+    n_pos = jnp.sum(y, axis=axis)
+    n_neg = jnp.sum(sel, axis=axis) - n_pos
+    w = jnp.where(n_pos > 0, n_neg / jnp.where(n_pos > 0, n_pos, 1.0), 1.0)
+    if max_weight is not None:
+        w = jnp.minimum(w, max_weight)
+    return w

@@ -1,0 +1,192 @@
+"""Argument checking, masking and reduction shared by every jaxbce loss.
+
+Everything here runs at trace time on shapes, dtypes and Python option values,
+or is a cheap element-wise op that XLA fuses into the loss kernel. Nothing here
+broadcasts silently: every broadcast is explicit and checked first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+REDUCTIONS = ("none", "sum", "mean", "weighted_mean")
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype arithmetic runs in: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def check_float_array(x: ArrayLike, name: str) -> jax.Array:
+    """Returns ``x`` as an array, raising TypeError unless it is real floating point."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a real floating-point array (float16, bfloat16, float32 or "
+            f"float64); got dtype {x.dtype} with shape {x.shape}."
+        )
+    return x
+
+
+def check_labels(
+    labels: ArrayLike, shape: tuple[int, ...], name: str = "labels", target: str = "logits"
+) -> jax.Array:
+    """Checks labels: exactly ``shape`` (no broadcasting) and a bool, int or float dtype."""
+    labels = jnp.asarray(labels)
+    if labels.shape != tuple(shape):
+        raise ValueError(
+            f"{name} must have exactly the shape of {target}: got {name} shape "
+            f"{labels.shape} and {target} shape {tuple(shape)}. jaxbce never broadcasts "
+            f"{name}; reshape explicitly (e.g. {target}.squeeze(-1) for a (B, 1) output)."
+        )
+    dt = labels.dtype
+    if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer) or dt == jnp.bool_):
+        raise TypeError(f"{name} must be bool, integer or real floating point; got dtype {dt}.")
+    return labels
+
+
+def check_broadcast(
+    x: ArrayLike | None, name: str, shape: tuple[int, ...], dtype: Any, *, target: str = "logits"
+) -> jax.Array | None:
+    """Broadcasts an optional ``x`` to ``shape``, refusing anything that would enlarge it."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not (
+        jnp.issubdtype(x.dtype, jnp.floating)
+        or jnp.issubdtype(x.dtype, jnp.integer)
+        or x.dtype == jnp.bool_
+    ):
+        raise TypeError(f"{name} must be a real number array; got dtype {x.dtype}.")
+    try:
+        out_shape = np.broadcast_shapes(x.shape, tuple(shape))
+    except ValueError:
+        out_shape = None
+    if out_shape != tuple(shape):
+        raise ValueError(
+            f"{name} with shape {x.shape} does not broadcast to the shape of {target} "
+            f"{tuple(shape)} (it must broadcast along trailing axes without enlarging "
+            f"{target})."
+        )
+    return jnp.broadcast_to(x.astype(dtype), shape)
+
+
+def normalize_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """Returns ``axis`` as a sorted tuple of non-negative ints, or None for all axes."""
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    out = []
+    for a in axes:
+        if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+            raise TypeError(f"axis must be an int or a tuple of ints; got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for logits of rank {ndim}.")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} repeats an axis.")
+    return tuple(sorted(out))
+
+
+def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> str:
+    if reduction not in allowed:
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, allowed))}; got {reduction!r}."
+        )
+    return reduction
+
+
+def check_unit_interval(value: Any, name: str) -> None:
+    """Checks a scalar option lies in [0, 1] when its value is known at trace time."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}.")
+    try:
+        v = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return  # a traced value: nothing to check at trace time
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {v}.")
+
+
+def make_mask(
+    where: ArrayLike | None, labels: jax.Array, ignore_index: Any, shape: tuple[int, ...]
+) -> jax.Array | None:
+    """Combines ``where`` and ``ignore_index`` into one boolean mask (None: keep all)."""
+    mask = None
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean array; got dtype {where.dtype}.")
+        mask = check_broadcast(where, "where", shape, jnp.bool_)
+    if ignore_index is not None:
+        if np.ndim(ignore_index) != 0:
+            raise ValueError(f"ignore_index must be a scalar; got shape {np.shape(ignore_index)}.")
+        keep = labels != jnp.asarray(ignore_index, labels.dtype)
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+def smooth_labels(labels: jax.Array, label_smoothing: Any) -> jax.Array:
+    """Keras label smoothing: ``y * (1 - eps) + eps / 2`` (no-op for a static 0)."""
+    check_unit_interval(label_smoothing, "label_smoothing")
+    if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
+        return labels
+    eps = jnp.asarray(label_smoothing, labels.dtype)
+    return labels * (1 - eps) + eps / 2
+
+
+def apply_mask(mask: jax.Array | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Replaces masked-out entries by 0 before the loss, so that NaN or inf there
+
+    (missing labels, padding) never reaches the loss or its gradient.
+    """
+    if mask is None:
+        return arrays
+    return tuple(jnp.where(mask, a, jnp.zeros((), a.dtype)) for a in arrays)
+
+
+def reduce_loss(
+    loss: jax.Array,
+    *,
+    weight: jax.Array | None,
+    mask: jax.Array | None,
+    axis: tuple[int, ...] | None,
+    reduction: str,
+    dtype: Any,
+) -> jax.Array:
+    """Weights, masks and reduces an element-wise loss (in its compute dtype).
+
+    ``"mean"`` divides by the number of selected entries (all entries when there is no
+    mask, as PyTorch does, also when ``weight`` is given); ``"weighted_mean"`` divides
+    by the sum of the selected weights. A mean over nothing is 0 with a zero gradient.
+    The result is cast to ``dtype`` (the logits' dtype) last.
+    """
+    if weight is not None:
+        loss = loss * weight
+    if mask is not None:
+        loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
+    if reduction == "none":
+        return loss.astype(dtype)
+    total = jnp.sum(loss, axis=axis)
+    if reduction == "sum":
+        return total.astype(dtype)
+    if reduction == "mean" or weight is None:
+        if mask is None:
+            count = loss.size if axis is None else int(np.prod([loss.shape[a] for a in axis]))
+            return (total / count).astype(dtype)
+        count = jnp.sum(mask, axis=axis, dtype=loss.dtype)
+    else:  # weighted_mean
+        w = weight if mask is None else jnp.where(mask, weight, jnp.zeros((), weight.dtype))
+        count = jnp.sum(w, axis=axis)
+    safe = jnp.where(count == 0, jnp.ones((), count.dtype), count)
+    return (total / safe).astype(dtype)
