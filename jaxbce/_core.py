@@ -59,9 +59,9 @@ def bce_with_logits(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Arr
     sigmoids from the same ``e``; d/dy = pw softplus(-z) - softplus(z), which is -z
     exactly when pw is None; d/dpw = y softplus(-z).
     """
-    e, l = _log1p_exp_neg_abs(z)
+    e, lg = _log1p_exp_neg_abs(z)
     a, b = _coefficients(y, pw)
-    base = l if pw is None else (a + b) * l
+    base = lg if pw is None else (a + b) * lg
     return base + _times(a, jnp.maximum(z, 0)) + _times(b, jnp.maximum(-z, 0))
 
 
@@ -72,7 +72,7 @@ def _bce_with_logits_jvp(primals, tangents):
     z, y, pw = primals
     dz, dy, dpw = tangents
     out = bce_with_logits(z, y, pw)
-    e, l = _log1p_exp_neg_abs(z)
+    e, lg = _log1p_exp_neg_abs(z)
     terms = []
     if not _is_zero(dz):
         a, b = _coefficients(y, pw)
@@ -82,10 +82,10 @@ def _bce_with_logits_jvp(primals, tangents):
         if pw is None:
             d_y = -z
         else:
-            d_y = (pw - 1) * l + _times(pw, jnp.maximum(-z, 0)) - jnp.maximum(z, 0)
+            d_y = (pw - 1) * lg + _times(pw, jnp.maximum(-z, 0)) - jnp.maximum(z, 0)
         terms.append(d_y * dy)
     if pw is not None and not _is_zero(dpw):
-        terms.append(_times(y, l + jnp.maximum(-z, 0)) * dpw)
+        terms.append(_times(y, lg + jnp.maximum(-z, 0)) * dpw)
     if not terms:
         return out, jnp.zeros_like(out)
     tangent = terms[0]
