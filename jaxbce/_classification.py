@@ -80,10 +80,10 @@ def binary_cross_entropy_with_logits(
       >>> logits = jnp.array([[2.0, -1.0], [0.5, jnp.inf]])
       >>> labels = jnp.array([[1, 0], [0, 1]])
       >>> print(jaxbce.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-      [[0.126928   0.3132617 ]
-       [0.974077   0.        ]]
+      [[0.126928  0.3132617]
+       [0.974077  0.       ]]
       >>> print(jaxbce.binary_cross_entropy_with_logits(logits, labels, axis=-1))
-      [0.21998537 0.4870385 ]
+      [0.22009484 0.4870385 ]
 
     References:
       PyTorch ``torch.nn.BCEWithLogitsLoss``; optax ``sigmoid_binary_cross_entropy``;
@@ -179,7 +179,7 @@ def binary_cross_entropy(
       >>> p = jnp.array([0.9, 0.2, 0.0])
       >>> y = jnp.array([1.0, 0.0, 1.0])
       >>> print(jaxbce.binary_cross_entropy(p, y, reduction="none"))
-      [  0.10536055   0.22314353 100.        ]
+      [  0.10536055   0.22314355 100.        ]
 
     References:
       PyTorch ``torch.nn.BCELoss``.

@@ -23,25 +23,36 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(x))
+def _dtype_of(x: Any) -> np.dtype:
+    """The dtype of ``x`` without converting it (so that strings get our own error)."""
+    dt = getattr(x, "dtype", None)
+    return np.asarray(x).dtype if dt is None else np.dtype(dt)
+
+
+def _is_real_or_bool(dt: Any) -> bool:
+    return bool(
+        jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer) or dt == jnp.bool_
+    )
 
 
 def check_float_array(x: ArrayLike, name: str) -> jax.Array:
     """Returns ``x`` as an array, raising TypeError unless it is real floating point."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(_dtype_of(x), jnp.floating):
         raise TypeError(
             f"{name} must be a real floating-point array (float16, bfloat16, float32 or "
-            f"float64); got dtype {x.dtype} with shape {x.shape}."
+            f"float64); got dtype {_dtype_of(x)} with shape {np.shape(x)}."
         )
-    return x
+    return jnp.asarray(x)
 
 
 def check_labels(
     labels: ArrayLike, shape: tuple[int, ...], name: str = "labels", target: str = "logits"
 ) -> jax.Array:
     """Checks labels: exactly ``shape`` (no broadcasting) and a bool, int or float dtype."""
+    if not _is_real_or_bool(_dtype_of(labels)):
+        raise TypeError(
+            f"{name} must be bool, integer or real floating point; got dtype {_dtype_of(labels)}."
+        )
     labels = jnp.asarray(labels)
     if labels.shape != tuple(shape):
         raise ValueError(
@@ -49,9 +60,6 @@ def check_labels(
             f"{labels.shape} and {target} shape {tuple(shape)}. jaxbce never broadcasts "
             f"{name}; reshape explicitly (e.g. {target}.squeeze(-1) for a (B, 1) output)."
         )
-    dt = labels.dtype
-    if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer) or dt == jnp.bool_):
-        raise TypeError(f"{name} must be bool, integer or real floating point; got dtype {dt}.")
     return labels
 
 
@@ -61,13 +69,9 @@ def check_broadcast(
     """Broadcasts an optional ``x`` to ``shape``, refusing anything that would enlarge it."""
     if x is None:
         return None
+    if not _is_real_or_bool(_dtype_of(x)):
+        raise TypeError(f"{name} must be a real number array; got dtype {_dtype_of(x)}.")
     x = jnp.asarray(x)
-    if not (
-        jnp.issubdtype(x.dtype, jnp.floating)
-        or jnp.issubdtype(x.dtype, jnp.integer)
-        or x.dtype == jnp.bool_
-    ):
-        raise TypeError(f"{name} must be a real number array; got dtype {x.dtype}.")
     try:
         out_shape = np.broadcast_shapes(x.shape, tuple(shape))
     except ValueError:
@@ -85,7 +89,12 @@ def normalize_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ..
     """Returns ``axis`` as a sorted tuple of non-negative ints, or None for all axes."""
     if axis is None:
         return None
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if isinstance(axis, (int, np.integer)):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"axis must be an int or a tuple of ints; got {axis!r}.")
     out = []
     for a in axes:
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool):

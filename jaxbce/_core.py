@@ -41,8 +41,21 @@ def _coefficients(y, pw):
 
 
 def _times(c: jax.Array, x: jax.Array) -> jax.Array:
-    """``c * x`` with 0 * inf = 0: a hard label's unused term is exactly zero."""
-    return jnp.where(c == 0, jnp.zeros((), x.dtype), c * x)
+    """``c * x`` with 0 * inf = 0: a hard label's unused term is exactly zero.
+
+    Only the inf is replaced, so the derivative w.r.t. ``c`` stays ``x`` at c = 0.
+    """
+    return c * jnp.where((c == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
+
+
+def _relus(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``max(z, 0)`` and ``max(-z, 0)`` with the same z >= 0 branch as ``exp(-|z|)``, so
+
+    that derivatives of their sums with ``log1p(exp(-|z|))`` are right at z = 0.
+    """
+    pos = z >= 0
+    zero = jnp.zeros((), z.dtype)
+    return jnp.where(pos, z, zero), jnp.where(pos, zero, -z)
 
 
 @jax.custom_jvp
@@ -62,7 +75,8 @@ def bce_with_logits(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Arr
     e, lg = _log1p_exp_neg_abs(z)
     a, b = _coefficients(y, pw)
     base = lg if pw is None else (a + b) * lg
-    return base + _times(a, jnp.maximum(z, 0)) + _times(b, jnp.maximum(-z, 0))
+    relu_z, relu_neg_z = _relus(z)
+    return base + _times(a, relu_z) + _times(b, relu_neg_z)
 
 
 # The rule gives the p - y gradient directly (no autodiff through log1p/exp), is
@@ -73,6 +87,7 @@ def _bce_with_logits_jvp(primals, tangents):
     dz, dy, dpw = tangents
     out = bce_with_logits(z, y, pw)
     e, lg = _log1p_exp_neg_abs(z)
+    relu_z, relu_neg_z = _relus(z)
     terms = []
     if not _is_zero(dz):
         a, b = _coefficients(y, pw)
@@ -82,10 +97,10 @@ def _bce_with_logits_jvp(primals, tangents):
         if pw is None:
             d_y = -z
         else:
-            d_y = (pw - 1) * lg + _times(pw, jnp.maximum(-z, 0)) - jnp.maximum(z, 0)
+            d_y = (pw - 1) * lg + _times(pw, relu_neg_z) - relu_z
         terms.append(d_y * dy)
     if pw is not None and not _is_zero(dpw):
-        terms.append(_times(y, lg + jnp.maximum(-z, 0)) * dpw)
+        terms.append(_times(y, lg + relu_neg_z) * dpw)
     if not terms:
         return out, jnp.zeros_like(out)
     tangent = terms[0]
