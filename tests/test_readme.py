@@ -32,7 +32,7 @@ def test_quickstart_train_step_learns():
     losses = []
     # user code with the default numpy-style broadcasting (x @ w + b)
     with jax.numpy_rank_promotion("allow"):
-        for _ in range(100):
+        for _ in range(300):
             params, opt_state, loss = ns["train_step"](params, opt_state, x, y, mask, pos_weight)
             losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
