@@ -89,23 +89,18 @@ def binary_cross_entropy_with_logits(
       PyTorch ``torch.nn.BCEWithLogitsLoss``; optax ``sigmoid_binary_cross_entropy``;
       Keras ``BinaryCrossentropy(from_logits=True, label_smoothing=...)``.
     """
-    logits = _common.check_float_array(logits, "logits")
-    shape, dtype = logits.shape, logits.dtype
-    cdt = _common.compute_dtype(dtype)
-    labels = _common.check_labels(labels, shape)
-    axis = _common.normalize_axis(axis, logits.ndim)
-    _common.check_reduction(reduction)
-    weight = _common.check_broadcast(weight, "weight", shape, cdt)
-    pos_weight = _common.check_broadcast(pos_weight, "pos_weight", shape, cdt)
-    mask = _common.make_mask(where, labels, ignore_index, shape)
-
-    z, y = logits.astype(cdt), labels.astype(cdt)
-    z, y = _common.apply_mask(mask, z, y)
-    y = _common.smooth_labels(y, label_smoothing)
-    loss = _core.bce_with_logits(z, y, pos_weight)
-    return _common.reduce_loss(
-        loss, weight=weight, mask=mask, axis=axis, reduction=reduction, dtype=dtype
+    p = _common.prepare(
+        logits,
+        labels,
+        weight=weight,
+        where=where,
+        ignore_index=ignore_index,
+        axis=axis,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
     )
+    pos_weight = _common.check_broadcast(pos_weight, "pos_weight", p.x.shape, p.compute_dtype)
+    return _common.finish(_core.bce_with_logits(p.x, p.y, pos_weight), p, reduction)
 
 
 def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
@@ -184,21 +179,17 @@ def binary_cross_entropy(
     References:
       PyTorch ``torch.nn.BCELoss``.
     """
-    probs = _common.check_float_array(probs, "probs")
-    shape, dtype = probs.shape, probs.dtype
-    cdt = _common.compute_dtype(dtype)
-    labels = _common.check_labels(labels, shape, target="probs")
-    axis = _common.normalize_axis(axis, probs.ndim)
-    _common.check_reduction(reduction)
-    weight = _common.check_broadcast(weight, "weight", shape, cdt, target="probs")
-    mask = _common.make_mask(where, labels, ignore_index, shape)
-
-    p, y = probs.astype(cdt), labels.astype(cdt)
-    p, y = _common.apply_mask(mask, p, y)
-    loss = _core.bce_on_probs(p, y)
-    return _common.reduce_loss(
-        loss, weight=weight, mask=mask, axis=axis, reduction=reduction, dtype=dtype
+    p = _common.prepare(
+        probs,
+        labels,
+        weight=weight,
+        where=where,
+        ignore_index=ignore_index,
+        axis=axis,
+        reduction=reduction,
+        name="probs",
     )
+    return _common.finish(_core.bce_on_probs(p.x, p.y), p, reduction)
 
 
 def pos_weight_from_labels(

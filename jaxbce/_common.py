@@ -8,7 +8,7 @@ broadcasts silently: every broadcast is explicit and checked first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +199,54 @@ def reduce_loss(
         count = jnp.sum(w, axis=axis)
     safe = jnp.where(count == 0, jnp.ones((), count.dtype), count)
     return (total / safe).astype(dtype)
+
+
+class Prepared(NamedTuple):
+    """Checked inputs of a loss, ready for an element-wise kernel."""
+
+    x: jax.Array  # logits or probabilities in the compute dtype, masked entries 0
+    y: jax.Array  # labels in the compute dtype, masked entries 0, smoothed
+    weight: jax.Array | None  # broadcast to the input's shape, compute dtype
+    mask: jax.Array | None  # bool, the input's shape; None keeps every entry
+    axis: tuple[int, ...] | None
+    dtype: np.dtype  # the input's dtype: the loss's output dtype
+    compute_dtype: np.dtype
+
+
+def prepare(
+    x: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None,
+    where: ArrayLike | None,
+    ignore_index: Any,
+    axis: int | Sequence[int] | None,
+    reduction: str,
+    label_smoothing: Any = 0.0,
+    name: str = "logits",
+) -> Prepared:
+    """Every trace-time check and conversion a loss needs, in one place.
+
+    ``x`` must be real floating point; ``labels`` exactly ``x``'s shape (bool, int or
+    float); ``weight`` and ``where`` must broadcast to it without enlarging it; ``axis`` and
+    ``reduction`` must be valid. Masked-out entries of ``x`` and ``labels`` become 0 (see
+    :func:`apply_mask`) before label smoothing.
+    """
+    x = check_float_array(x, name)
+    shape, dtype = x.shape, x.dtype
+    cdt = compute_dtype(dtype)
+    labels = check_labels(labels, shape, target=name)
+    axis = normalize_axis(axis, x.ndim)
+    check_reduction(reduction)
+    weight = check_broadcast(weight, "weight", shape, cdt, target=name)
+    mask = make_mask(where, labels, ignore_index, shape)
+    xc, y = apply_mask(mask, x.astype(cdt), labels.astype(cdt))
+    y = smooth_labels(y, label_smoothing)
+    return Prepared(xc, y, weight, mask, axis, dtype, cdt)
+
+
+def finish(loss: jax.Array, p: Prepared, reduction: str) -> jax.Array:
+    """Applies :func:`reduce_loss` with the weight, mask, axis and dtype of ``p``."""
+    return reduce_loss(
+        loss, weight=p.weight, mask=p.mask, axis=p.axis, reduction=reduction, dtype=p.dtype
+    )
