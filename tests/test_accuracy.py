@@ -1,0 +1,447 @@
+"""Accuracy of jaxbce's sigmoid BCE against a high-precision reference.
+
+float32 inputs are checked against a float64 reference (``_ref_*``). That is provably
+enough: the float32 inputs are exact in float64, the reference's loss is a sum of
+non-negative terms (``max(z, 0) + log1p(exp(-|z|))`` and its mirror), and its gradient
+forms each sigmoid from one ``exp(-|z|)`` without cancellation, so its relative error
+(resp. its error relative to the size of the gradient's two terms) is a few float64 eps,
+about 1e-9 of a float32 ulp. ``test_float64_reference_agrees_with_mpmath`` checks this
+on a sample against mpmath at 40 digits; float64 logits are checked against mpmath.
+
+``ulp = |got - true| / spacing(float32(true))``, counted in the normal range only
+(|true| >= 1.18e-38; XLA on CPU flushes float32 subnormals to zero). A soft label's
+gradient vanishes at z = logit(y), so its error is measured in float32 eps times the
+size of its two terms, ``(1 - y) sigmoid(z) + pos_weight y sigmoid(-z)``.
+
+Measured with jax 0.10.2 on CPU (2026-11) on this module's fixed sample: 4000 logits
+log-uniform over +-[1e-8, 3e38] plus 97 in [80, 104] (loss), 4000 over +-[1e-6, 100]
+(gradient); asserted bounds in brackets:
+
+* loss, y in {0, 1}: 2.42 ulp; y in {0.3, 0.999}: 2.53 ulp                   [3 ulp]
+* loss with pos_weight 0.5 or 3.0: 2.57 ulp                                   [3 ulp]
+* gradient, y in {0, 1}: 1.96 ulp; with pos_weight: 2.22 ulp                 [3 ulp]
+* gradient, soft labels: 1.25 eps of its terms; with pos_weight: 1.91        [3 eps]
+* float64 logits vs mpmath: loss 1.79 ulp, hard-label gradient 2.52 ulp,
+  soft-label gradient 1.26 eps of its terms                                  [3]
+* BCELoss on float32 probabilities: loss 1.46 ulp, gradient 1.73 ulp         [3 ulp]
+* bfloat16 and float16 logits: loss and gradient within 0.500 ulp of their dtype.
+
+The 3 ulp bound is a property of this sample, not of every input: XLA's ``exp`` and
+``log1p`` leave up to about 2.7 ulp, and 200,000 logits per label reach 3.31 ulp for
+the loss (z = 0.6552587, y = 0.999, pos_weight 0.5) and 2.94 ulp for the hard-label
+gradient (z = 5.9526043, y = 1, pos_weight 3).
+
+With pos_weight, an entry counts only where the unweighted value is normal too: with
+pos_weight > 1 and y = 1, at z in about [87.3, 88.7], the true loss and gradient
+(3 sigmoid(-z), 1.2e-38 to 3.4e-38) are normal but sigmoid(-z) itself is subnormal,
+and XLA on CPU flushes it to zero before the weight multiplies it (jaxbce returns 0
+there, as any float32 formula that weights after the exp does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxbce
+
+SEED = 20261122
+N = 4000
+F32 = np.finfo(np.float32)
+MAX_ULP = 3.0
+MAX_EPS = 3.0
+HARD = (0.0, 1.0)
+SOFT = (0.3, 0.999)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _log_uniform(rng, lo, hi, n, dtype=np.float32):
+    """``n`` values with magnitude log-uniform in [lo, hi] and random sign."""
+    mag = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
+    sign = np.where(rng.uniform(size=n) < 0.5, -1.0, 1.0)
+    return (sign * mag).astype(dtype)
+
+
+def _logits(lo, hi, seed_offset=0, dtype=np.float32):
+    return _log_uniform(np.random.default_rng(SEED + seed_offset), lo, hi, N, dtype)
+
+
+def _ulp(got, true, dtype=np.float32):
+    """|got - true| in units of the spacing of ``true`` rounded to ``dtype``."""
+    got = np.asarray(got, np.float64)
+    spacing = np.spacing(np.abs(true).astype(dtype)).astype(np.float64)
+    return np.abs(got - true) / spacing
+
+
+def _normal(true, dtype=np.float32):
+    return (np.abs(true) >= np.finfo(dtype).tiny) & (np.abs(true) <= np.finfo(dtype).max)
+
+
+def _softplus64(z):
+    """max(z, 0) + log1p(exp(-|z|)) in float64: both terms >= 0, exact at +-inf."""
+    z = np.asarray(z, np.float64)
+    return np.maximum(z, 0.0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def _sigmoids64(z):
+    """sigmoid(z) and sigmoid(-z) in float64 from one exp(-|z|), no cancellation."""
+    z = np.asarray(z, np.float64)
+    e = np.exp(-np.abs(z))
+    r = 1.0 / (1.0 + e)
+    return np.where(z >= 0, r, e * r), np.where(z >= 0, e * r, r)
+
+
+def _times(c, x):
+    """c * x with 0 * inf = 0: a hard label's unused term is absent."""
+    with np.errstate(invalid="ignore"):
+        return np.where(c == 0, 0.0, c * x)
+
+
+def _ref_loss(z, y, pw=1.0):
+    y = np.float64(y)
+    return _times(1 - y, _softplus64(z)) + _times(pw * y, _softplus64(-np.asarray(z)))
+
+
+def _ref_grad(z, y, pw=1.0):
+    """The gradient w.r.t. z and the size of its two terms."""
+    y = np.float64(y)
+    s_pos, s_neg = _sigmoids64(z)
+    a, b = (1 - y) * s_pos, pw * y * s_neg
+    return a - b, a + b
+
+
+@functools.cache
+def _loss_and_grad_fns():
+    @jax.jit
+    def loss(z, y, pw):
+        return jaxbce.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="none")
+
+    @jax.jit
+    def grad(z, y, pw):
+        return jax.grad(lambda z: jnp.sum(loss(z, y, pw)))(z)
+
+    @jax.jit
+    def vjp(z, y, pw):
+        out, f = jax.vjp(lambda z: loss(z, y, pw), z)
+        return f(jnp.ones_like(out))[0]
+
+    return loss, grad, vjp
+
+
+def _jaxbce(z, y, pw=None, what="loss"):
+    """jaxbce's per-element loss or gradient for logits ``z`` and a scalar label ``y``."""
+    fns = dict(zip(("loss", "grad", "vjp"), _loss_and_grad_fns(), strict=True))
+    yy = jnp.full(np.shape(z), y, jnp.float32)
+    pw = None if pw is None else jnp.full(np.shape(z), pw, jnp.float32)
+    return np.asarray(fns[what](jnp.asarray(z), yy, pw), np.float64)
+
+
+def _normal_ulp(got, true, unweighted=None):
+    """ulp of each entry where ``true`` (and ``unweighted``, the same quantity without
+    pos_weight) is in float32's normal range, else 0; the count."""
+    ok = _normal(true) if unweighted is None else _normal(true) & _normal(unweighted)
+    ulp = np.zeros(np.shape(true))
+    ulp[ok] = _ulp(np.asarray(got)[ok], true[ok])
+    return ulp, int(ok.sum())
+
+
+def _loss_errors(z, y, pw=None):
+    """jaxbce's loss, its ulp where normal (else 0), the count, and the reference."""
+    true = _ref_loss(z, np.float32(y), 1.0 if pw is None else pw)
+    got = _jaxbce(z, np.float32(y), pw)
+    unweighted = None if pw is None else _ref_loss(z, np.float32(y), 1.0)
+    return (got, *_normal_ulp(got, true, unweighted), true)
+
+
+def _grad_errors(z, y, pw=None, what="grad"):
+    """ulp of the gradient where normal (else 0), the count, and the error in eps of the
+    size of its two terms."""
+    true, size = _ref_grad(z, np.float32(y), 1.0 if pw is None else pw)
+    got = _jaxbce(z, np.float32(y), pw, what)
+    unweighted = None if pw is None else _ref_grad(z, np.float32(y), 1.0)[0]
+    return (*_normal_ulp(got, true, unweighted), np.abs(got - true) / (F32.eps * size))
+
+
+# Plus a sweep across the bottom of float32's normal range (sigmoid(-z) ~ 1e-38).
+Z_LOSS = np.concatenate([_logits(1e-8, 3e38), np.linspace(80.0, 104.0, 97, dtype=np.float32)])
+Z_GRAD = _logits(1e-6, 100.0, seed_offset=1)
+
+
+def _worst(err, z):
+    i = int(np.argmax(err))
+    return f"max {err[i]:.3f} at z={float(z[i])!r}"
+
+
+# ------------------------------------------------------------ reference validation
+
+
+@mpmath.workdps(40)
+def test_float64_reference_agrees_with_mpmath():
+    z = np.concatenate([Z_LOSS[:150], Z_GRAD[:150], np.float32([0.0, 1e-8, -88.0, 88.0])])
+    for y, pw in ((0.0, 1.0), (1.0, 1.0), (0.3, 1.0), (0.999, 3.0)):
+        y = np.float32(y)
+        loss, (grad, size) = _ref_loss(z, y, pw), _ref_grad(z, y, pw)
+        for i, zi in enumerate(z):
+            m, my = mpmath.mpf(float(zi)), mpmath.mpf(float(y))
+            sp_pos, sp_neg = mpmath.log1p(mpmath.exp(m)), mpmath.log1p(mpmath.exp(-m))
+            want_loss = (1 - my) * sp_pos + pw * my * sp_neg
+            sig_pos, sig_neg = 1 / (1 + mpmath.exp(-m)), 1 / (1 + mpmath.exp(m))
+            want_grad = (1 - my) * sig_pos - pw * my * sig_neg
+            # Below float64's range the reference is 0 (only compared where float32 is normal).
+            assert abs(loss[i] - want_loss) <= 1e-14 * want_loss + 1e-300, (zi, y)
+            assert abs(grad[i] - want_grad) <= 1e-14 * size[i] + 1e-300, (zi, y)
+
+
+# ------------------------------------------------------------------- float32 loss
+
+
+@pytest.mark.parametrize("y", HARD + SOFT)
+def test_loss_within_3_ulp(y):
+    _, ulp, count, _ = _loss_errors(Z_LOSS, y)
+    assert count > 0.5 * N
+    assert ulp.max() <= MAX_ULP, _worst(ulp, Z_LOSS)
+
+
+@pytest.mark.parametrize("pw", [0.5, 3.0])
+@pytest.mark.parametrize("y", HARD + SOFT)
+def test_loss_with_pos_weight_within_3_ulp(y, pw):
+    got, ulp, _, true = _loss_errors(Z_LOSS, y, pw)
+    assert ulp.max() <= MAX_ULP, _worst(ulp, Z_LOSS)
+    # Beyond float32's range (pos_weight 3 at z = -3e38) the right answer is +inf.
+    np.testing.assert_array_equal(got[true > F32.max], np.inf)
+
+
+# --------------------------------------------------------------- float32 gradient
+
+
+@pytest.mark.parametrize("what", ["grad", "vjp"])
+@pytest.mark.parametrize("pw", [None, 0.5, 3.0])
+@pytest.mark.parametrize("y", HARD)
+def test_hard_label_gradient_within_3_ulp(y, pw, what):
+    ulp, count, _ = _grad_errors(Z_GRAD, y, pw, what)
+    assert count > 0.9 * N
+    assert ulp.max() <= MAX_ULP, _worst(ulp, Z_GRAD)
+
+
+@pytest.mark.parametrize("what", ["grad", "vjp"])
+@pytest.mark.parametrize("pw", [None, 0.5, 3.0])
+@pytest.mark.parametrize("y", SOFT)
+def test_soft_label_gradient_within_3_eps_of_its_terms(y, pw, what):
+    _, _, err = _grad_errors(Z_GRAD, y, pw, what)
+    assert err.max() <= MAX_EPS, _worst(err, Z_GRAD)
+
+
+def test_soft_label_gradient_is_tested_where_it_cancels():
+    """The sample reaches z near logit(y), where the gradient is far below its terms."""
+    true, size = _ref_grad(Z_GRAD, np.float32(0.3))
+    assert np.min(np.abs(true) / size) < 1e-3
+
+
+# ------------------------------------------------------------------ extreme values
+
+EXTREME_Z = np.float32([1e9, -1e9, 3e38, -3e38, np.inf, -np.inf, 0.0, 1e-45, -1e-45, 1e-38, -1e-38])
+
+
+@pytest.mark.parametrize("y", [0.0, 1.0, 0.3])
+def test_extreme_logits_give_the_true_loss_and_gradient(y):
+    z = EXTREME_Z
+    y32 = np.float32(y)
+    loss, grad = _jaxbce(z, y32), _jaxbce(z, y32, what="grad")
+    true_loss = _ref_loss(z, y32)
+    true_grad, _ = _ref_grad(z, y32)
+
+    # inf exactly where the true loss is inf, 0 exactly at (+inf, 1) and (-inf, 0).
+    inf = (z == np.inf) & (y != 1.0) | (z == -np.inf) & (y != 0.0)
+    zero = (z == np.inf) & (y == 1.0) | (z == -np.inf) & (y == 0.0)
+    np.testing.assert_array_equal(np.isinf(true_loss), inf)
+    np.testing.assert_array_equal(loss[inf], np.inf)
+    np.testing.assert_array_equal(loss[zero], 0.0)
+    finite = np.isfinite(true_loss) & ~zero
+    assert np.all(_ulp(loss[finite], true_loss[finite]) <= MAX_ULP), (loss, true_loss)
+
+    # The gradient is finite everywhere and true: at +-inf it is 1 - y or -y.
+    assert np.all(np.isfinite(grad))
+    ok = _normal(true_grad)
+    assert np.all(_ulp(grad[ok], true_grad[ok]) <= MAX_ULP), (grad, true_grad)
+    assert np.all(np.abs(grad[~ok]) <= F32.tiny), (grad, true_grad)
+
+
+@pytest.mark.parametrize("pw", [None, 3.0])
+@pytest.mark.parametrize("y", [0.0, 1.0, 0.3])
+def test_nan_logits_give_nan_loss(y, pw):
+    z = np.float32([np.nan, 0.0, np.nan])
+    loss = _jaxbce(z, np.float32(y), pw)
+    np.testing.assert_array_equal(np.isnan(loss), [True, False, True])
+
+
+_finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+_unit_f32 = st.floats(0.0, 1.0, width=32)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    z=hnp.arrays(np.float32, (8,), elements=_finite_f32),
+    y=hnp.arrays(np.float32, (8,), elements=_unit_f32),
+)
+def test_finite_input_gives_finite_nonnegative_loss_and_finite_gradient(z, y):
+    loss_fn, _, vjp_fn = _loss_and_grad_fns()
+    loss = np.asarray(loss_fn(z, y, None))
+    grad = np.asarray(vjp_fn(z, y, None))
+    assert np.all(np.isfinite(loss)) and np.all(loss >= 0), (z, y, loss)
+    assert np.all(np.isfinite(grad)), (z, y, grad)
+
+
+# --------------------------------------------------------- float16 and bfloat16
+
+
+@pytest.mark.parametrize(
+    "dtype, lo, hi",
+    [(jnp.bfloat16, 1e-8, 3e38), (jnp.float16, 1e-7, 6e4)],
+    ids=["bfloat16", "float16"],
+)
+@pytest.mark.parametrize("y", [0.0, 1.0, 0.3])
+def test_low_precision_logits_round_the_float32_result(dtype, lo, hi, y):
+    """Computed in float32, rounded once: within half a ulp of ``dtype`` (+ 3 float32 ulp)."""
+    z = _logits(lo, hi, seed_offset=2).astype(dtype)
+    y32 = np.float32(y)
+    labels = jnp.full(z.shape, y32)
+
+    def loss_fn(z):
+        return jaxbce.binary_cross_entropy_with_logits(z, labels, reduction="none")
+
+    loss, vjp = jax.jit(lambda z: jax.vjp(loss_fn, z))(jnp.asarray(z))
+    (grad,) = jax.jit(vjp)(jnp.ones_like(loss))
+    assert loss.dtype == dtype and grad.dtype == dtype
+
+    z64 = np.asarray(z, np.float64)
+    info = jnp.finfo(dtype)
+    for got, true in ((loss, _ref_loss(z64, y32)), (grad, _ref_grad(z64, y32)[0])):
+        got = np.asarray(got, np.float64)
+        big = np.maximum(np.abs(got), np.abs(true))
+        bound = 0.5 * np.spacing(big.astype(dtype)).astype(np.float64)
+        bound += MAX_ULP * np.spacing(np.abs(true).astype(np.float32)).astype(np.float64)
+        # Below the smallest float16 subnormal, or below bfloat16's (= float32's) normal
+        # range which XLA flushes, the right answer is 0 or the smallest number.
+        floor = float(info.smallest_subnormal if dtype == jnp.float16 else info.tiny)
+        ok = np.abs(true) >= floor
+        assert np.all(np.abs(got - true)[ok] <= bound[ok]), _worst(
+            np.where(ok, np.abs(got - true) / bound, 0.0), z64
+        )
+        assert np.all(np.abs(got[~ok]) <= floor)
+
+
+# ------------------------------------------------------------------ float64 logits
+
+N64 = 600
+
+
+@functools.cache
+@mpmath.workdps(40)
+def _float64_errors(y):
+    """jaxbce on float64 logits vs mpmath (40 digits): ulp of the loss and the gradient,
+    and the gradient's error in float64 eps of its terms' size, as exact as mpmath's.
+
+    Logits: log-uniform over +-[1e-8, 1e300] (loss) and +-[1e-6, 700] (gradient).
+    """
+    rng = np.random.default_rng(SEED + 3)
+    z = np.concatenate(
+        [
+            _log_uniform(rng, 1e-8, 1e300, N64, np.float64),
+            _log_uniform(rng, 1e-6, 700.0, N64, np.float64),
+        ]
+    )
+    with jax.enable_x64(True):
+        zz, yy = jnp.asarray(z), jnp.full(z.shape, y, jnp.float64)
+        loss, vjp = jax.vjp(
+            lambda z: jaxbce.binary_cross_entropy_with_logits(z, yy, reduction="none"), zz
+        )
+        (grad,) = vjp(jnp.ones_like(loss))
+        assert loss.dtype == grad.dtype == jnp.float64
+    info = np.finfo(np.float64)
+    my = mpmath.mpf(y)
+    loss_ulp, grad_ulp, grad_eps = [], [], []
+    for zi, li, gi in zip(z, np.asarray(loss), np.asarray(grad), strict=True):
+        m = mpmath.mpf(float(zi))
+        sig_pos, sig_neg = 1 / (1 + mpmath.exp(-m)), 1 / (1 + mpmath.exp(m))
+        sp_pos, sp_neg = mpmath.log1p(mpmath.exp(m)), mpmath.log1p(mpmath.exp(-m))
+        true_loss = (1 - my) * sp_pos + my * sp_neg
+        true_grad = (1 - my) * sig_pos - my * sig_neg
+        size = (1 - my) * sig_pos + my * sig_neg
+        for true, got, out in ((true_loss, li, loss_ulp), (true_grad, gi, grad_ulp)):
+            if info.tiny <= abs(true) <= info.max:
+                out.append(float(abs(got - true) / np.spacing(abs(float(true)))))
+        if size >= info.tiny:
+            grad_eps.append(float(abs(gi - true_grad) / (info.eps * size)))
+    return np.array(loss_ulp), np.array(grad_ulp), np.array(grad_eps)
+
+
+@pytest.mark.parametrize("y", [0.0, 1.0, 0.3])
+def test_float64_logits_within_3_ulp_of_mpmath(y):
+    loss_ulp, grad_ulp, grad_eps = _float64_errors(y)
+    assert loss_ulp.size > N64 and grad_ulp.size > N64 // 2
+    assert loss_ulp.max() <= MAX_ULP
+    if y in HARD:
+        assert grad_ulp.max() <= MAX_ULP
+    else:
+        assert grad_eps.max() <= MAX_EPS
+
+
+# -------------------------------------------------------- BCELoss on probabilities
+
+
+def _probs():
+    rng = np.random.default_rng(SEED + 4)
+    n = N // 4
+    return np.concatenate(
+        [
+            rng.uniform(0.0, 1.0, 2 * n).astype(np.float32),
+            np.abs(_log_uniform(rng, 1e-37, 0.5, n)),  # near 0
+            (1.0 - np.abs(_log_uniform(rng, 6e-8, 0.5, n))).astype(np.float32),  # near 1
+            np.float32([0.0, 1.0]),
+        ]
+    )
+
+
+def _ref_probs(p, y):
+    """float64 BCELoss with PyTorch's clamps: loss and d/dp."""
+    p = np.asarray(p, np.float64)
+    with np.errstate(divide="ignore"):
+        log_p = np.maximum(np.log(p), -100.0)
+        log_q = np.maximum(np.log1p(-p), -100.0)
+    loss = -(y * log_p + (1 - y) * log_q)
+    grad = (p - y) / np.maximum(p * (1 - p), 1e-12)
+    return loss, grad
+
+
+@pytest.mark.parametrize("y", [0.0, 1.0, 0.3])
+def test_binary_cross_entropy_on_probabilities(y):
+    p = _probs()
+    labels = jnp.full(p.shape, np.float32(y))
+
+    @jax.jit
+    def loss_and_grad(p):
+        def fn(p):
+            return jaxbce.binary_cross_entropy(p, labels, reduction="none")
+
+        return fn(p), jax.grad(lambda p: jnp.sum(fn(p)))(p)
+
+    loss, grad = (np.asarray(v, np.float64) for v in loss_and_grad(jnp.asarray(p)))
+    true_loss, true_grad = _ref_probs(p, np.float64(np.float32(y)))
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+    for got, true in ((loss, true_loss), (grad, true_grad)):
+        ok = _normal(true)
+        ulp = _ulp(got[ok], true[ok])
+        assert ulp.max() <= MAX_ULP, _worst(ulp, p[ok])
+        assert np.all(got[~ok] == 0.0)
+    # p = 0 and 1: the clamped loss is 100 where the label disagrees, finite gradient.
+    np.testing.assert_allclose(loss[-2:], [100.0 * y, 100.0 * (1 - y)], rtol=1e-6)
