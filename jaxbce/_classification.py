@@ -149,11 +149,13 @@ def binary_cross_entropy(
     Each log term is clamped at -100 so that ``p = 0`` or ``p = 1`` gives a finite loss,
     and the gradient (a ``custom_jvp`` rule, as PyTorch's backward) is finite there too.
 
-    Prefer :func:`binary_cross_entropy_with_logits` whenever the model can output logits:
-    ``sigmoid`` rounds to exactly 0 or 1 in float32 once ``|z|`` exceeds about 17 (resp.
-    88 on the negative side), after which this loss saturates at the clamp (100) and its
-    gradient is wrong or vanishes; from logits the loss and the ``sigmoid(z) - y``
-    gradient stay exact for every logit.
+    Prefer :func:`binary_cross_entropy_with_logits` whenever the model can output logits.
+    In float32, ``sigmoid(z)`` rounds to exactly 1 once ``z`` exceeds about 17 and to 0
+    below about -88, after which this loss saturates at the clamp (100); well before
+    that, from ``z < -27.6`` with ``y = 1``, ``p (1 - p)`` falls under the 1e-12 clamp and
+    the gradient w.r.t. the logit, ``p (1 - p) dL/dp``, is wrong (-0.094 instead of -1 at
+    ``z = -30``). From logits the loss and the ``sigmoid(z) - y`` gradient stay exact for
+    every logit.
 
     Args:
       probs: float array ``[...]`` of probabilities in [0, 1].
