@@ -8,6 +8,11 @@ from jaxbce._classification import pos_weight_from_labels as pos_weight_from_lab
 from jaxbce._classification import (
     sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
 )
+from jaxbce._focal import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxbce._sparse import check_positive_indices as check_positive_indices
+from jaxbce._sparse import (
+    sparse_binary_cross_entropy_with_logits as sparse_binary_cross_entropy_with_logits,
+)
 from jaxbce._validation import check_inputs as check_inputs
 
 __version__ = "0.1.0"
@@ -16,6 +21,9 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "check_inputs",
+    "check_positive_indices",
     "pos_weight_from_labels",
     "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "sparse_binary_cross_entropy_with_logits",
 ]
