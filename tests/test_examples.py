@@ -173,11 +173,28 @@ def test_stability_table():
 
 
 @pytest.mark.slow
-def test_multilabel_with_30_percent_missing_labels():
-    config = multilabel_classifier.Config(missing_fraction=0.3, quiet=True)
-    m = multilabel_classifier.train_and_evaluate(config)
-    assert m["micro_f1"] >= 0.95
-    assert m["missing_fraction"] == 0.3
+def test_multilabel_with_30_percent_missing_labels_dense_and_sparse_targets():
+    results = {}
+    for sparse in (False, True):
+        config = multilabel_classifier.Config(
+            missing_fraction=0.3, sparse_targets=sparse, quiet=True
+        )
+        results[sparse] = m = multilabel_classifier.train_and_evaluate(config)
+        assert m["micro_f1"] >= 0.95
+        assert m["missing_fraction"] == 0.3
+    # the same loss from positive indices: the same training, up to float rounding
+    assert abs(results[True]["micro_f1"] - results[False]["micro_f1"]) <= 0.01
+
+
+def test_sparse_targets_list_exactly_the_visible_positives():
+    data = multilabel_classifier.load_data(missing_fraction=0.3, seed=0)
+    split = multilabel_classifier.add_sparse_targets(data["train"])
+    y, pos = split["y"], split["positives"]
+    dense = np.zeros(y.shape, bool)
+    rows = np.repeat(np.arange(len(y))[:, None], pos.shape[1], axis=1)
+    dense[rows[pos >= 0], pos[pos >= 0]] = True
+    np.testing.assert_array_equal(dense, y == 1)
+    np.testing.assert_array_equal(split["visible"], y != multilabel_classifier.MISSING)
 
 
 @pytest.mark.slow
