@@ -1,8 +1,10 @@
 """Element-wise BCE kernels under ``jax.custom_jvp``.
 
 All inputs here are already checked, masked and broadcast to one shape in the
-compute dtype (float32 or float64). Every kernel is one pass of element-wise
-math that XLA fuses with its gradient into a single kernel.
+compute dtype (float32 or float64). Every kernel is element-wise math that XLA fuses
+with its gradient: into a single kernel on GPU; on CPU ``bce_with_logits`` takes a
+formulation of its own (``_loss_cpu``, ``_grad_cpu``) that XLA:CPU splits into its
+YNNPACK reduction and one multithreaded loop fusion (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -58,6 +60,88 @@ def _relus(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(pos, z, zero), jnp.where(pos, zero, -z)
 
 
+def _loss_fused(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """The loss from the same ``e = exp(-|z|)`` as :func:`_grad_fused` (GPU, TPU)."""
+    e, lg = _log1p_exp_neg_abs(z)
+    a, b = _coefficients(y, pw)
+    base = lg if pw is None else (a + b) * lg
+    relu_z, relu_neg_z = _relus(z)
+    return base + _times(a, relu_z) + _times(b, relu_neg_z)
+
+
+def _grad_fused(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """``(1 - y) sigmoid(z) - pw y sigmoid(-z)`` sharing ``exp(-|z|)`` with the loss."""
+    e, _ = _log1p_exp_neg_abs(z)
+    a, b = _coefficients(y, pw)
+    s_pos, s_neg = _sigmoids(z, e)
+    return a * s_pos - b * s_neg
+
+
+def _loss_cpu(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """The loss in ops that XLA:CPU's reduction fusion (YNNPACK) takes whole: no select.
+
+    Each hard label's unused term must be exactly 0 also at an infinite logit, where the
+    product would be 0 * inf = NaN. Instead of a select, ``z`` is clipped to the largest
+    finite value exactly where that term's coefficient is 0 (and nowhere else):
+    ``big / |y|`` is finite only at |y| = 1 (a label below 1 is at most 1 - 2**-24, and
+    big / (1 - 2**-24) overflows), and ``-big - big min(|b| big, 1)`` only at b = 0
+    (|b| big >= 4.8e-7 for every nonzero float32, 8.8e-16 for float64, enough to overflow).
+
+    ``max(y, -big)`` changes no label; it keeps XLA from rewriting ``y * x`` into a select
+    when ``y`` is a converted bool, and the ``-0.0`` in ``max(zc, -0.0)`` keeps the
+    constant distinct from the 0 of those selects in the gradient's fusion. YNNPACK's
+    min and max drop a NaN operand (XLA's propagate it), so NaN reaches the result
+    through arithmetic alone: ``log1p`` for a NaN logit, ``a = 1 - y`` (from the label
+    itself) for a NaN label, ``b`` for a NaN ``pw``.
+    """
+    big = jnp.finfo(z.dtype).max
+    a = 1 - y
+    y_b = jnp.maximum(y, -big)
+    b = y_b if pw is None else pw * y_b
+    lg = jnp.log1p(jnp.exp(-jnp.abs(z)))
+    if pw is not None:
+        lg = (a + b) * lg
+    hi = big / jnp.abs(y_b)
+    lo = -big - big * jnp.minimum(jnp.abs(b) * big, 1)
+    zc = jnp.minimum(jnp.maximum(z, lo), hi)
+    return lg + (a * jnp.maximum(zc, -0.0) - b * jnp.minimum(zc, -0.0))
+
+
+def _grad_cpu(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """``(1 - y) sigmoid(z) - pw y sigmoid(-z)`` as XLA:CPU's loop fusion computes it fast.
+
+    The same math as :func:`_grad_fused`, written to share no instruction with
+    :func:`_loss_cpu`, not even a broadcast constant: XLA:CPU cannot hand an op that two
+    fusions read to the loss's reduction fusion, so it would materialize it (an N-sized
+    array). Hence ``-1 / (-1 - e)`` for ``1 / (1 + e)``, ``s - y s`` for ``(1 - y) s``
+    and ``y (2 pw s) / 2`` for ``(pw y) s``.
+    """
+    pos = z >= 0
+    e = jnp.exp(jnp.where(pos, -z, z))
+    r = -1 / (-1 - e)  # sigmoid(|z|)
+    er = e * r  # sigmoid(-|z|)
+    s_pos, s_neg = jnp.where(pos, r, er), jnp.where(pos, er, r)
+    if pw is None:
+        return (s_pos - y * s_pos) - y * s_neg
+    # 2 pw is a broadcast of its own (XLA folds the scalar into it), so the loss keeps
+    # pw's broadcast to itself; the exact * 0.5 undoes the 2.
+    return (s_pos - y * s_pos) - (y * ((2 * pw) * s_neg)) * 0.5
+
+
+def _per_platform(cpu, default, z, y, pw):
+    """``cpu(z, y, pw)`` where the code is compiled for CPU, else ``default(z, y, pw)``.
+
+    ``jax.lax.platform_dependent`` picks the branch when lowering, so the compiled code
+    holds only one (no conditional, nothing in the way of fusion) and both differentiate
+    like any jnp code.
+    """
+    if pw is None:
+        return jax.lax.platform_dependent(
+            z, y, cpu=lambda z, y: cpu(z, y, None), default=lambda z, y: default(z, y, None)
+        )
+    return jax.lax.platform_dependent(z, y, pw, cpu=cpu, default=default)
+
+
 @jax.custom_jvp
 def bce_with_logits(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     r"""Element-wise ``(1 - y) softplus(z) + pw y softplus(-z)``.
@@ -69,14 +153,16 @@ def bce_with_logits(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Arr
     side of an infinite logit or for any soft label there.
 
     Derivatives (the rule below): d/dz = (1 - y) sigmoid(z) - pw y sigmoid(-z), both
-    sigmoids from the same ``e``; d/dy = pw softplus(-z) - softplus(z), which is -z
-    exactly when pw is None; d/dpw = y softplus(-z).
+    sigmoids from one ``e``; d/dy = pw softplus(-z) - softplus(z), which is -z exactly
+    when pw is None; d/dpw = y softplus(-z).
+
+    The same math has two formulations, chosen per backend when lowering: on GPU and TPU
+    the loss and gradient share one ``exp`` (XLA fuses loss, reduction and gradient into
+    one kernel); on CPU the loss is select-free and shares nothing with the gradient, so
+    that XLA:CPU's YNNPACK reduction fusion computes it whole while the gradient runs in
+    a multithreaded loop fusion (docs/performance.md).
     """
-    e, lg = _log1p_exp_neg_abs(z)
-    a, b = _coefficients(y, pw)
-    base = lg if pw is None else (a + b) * lg
-    relu_z, relu_neg_z = _relus(z)
-    return base + _times(a, relu_z) + _times(b, relu_neg_z)
+    return _per_platform(_loss_cpu, _loss_fused, z, y, pw)
 
 
 # The rule gives the p - y gradient directly (no autodiff through log1p/exp), is
@@ -86,13 +172,12 @@ def _bce_with_logits_jvp(primals, tangents):
     z, y, pw = primals
     dz, dy, dpw = tangents
     out = bce_with_logits(z, y, pw)
-    e, lg = _log1p_exp_neg_abs(z)
-    relu_z, relu_neg_z = _relus(z)
     terms = []
     if not _is_zero(dz):
-        a, b = _coefficients(y, pw)
-        s_pos, s_neg = _sigmoids(z, e)
-        terms.append((a * s_pos - b * s_neg) * dz)
+        terms.append(_per_platform(_grad_cpu, _grad_fused, z, y, pw) * dz)
+    if not _is_zero(dy) or (pw is not None and not _is_zero(dpw)):
+        _, lg = _log1p_exp_neg_abs(z)
+        relu_z, relu_neg_z = _relus(z)
     if not _is_zero(dy):
         if pw is None:
             d_y = -z

@@ -1,0 +1,1 @@
+"""Benchmarks for jaxbce: ``python -m benchmarks.bench --help``."""

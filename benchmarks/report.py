@@ -1,0 +1,244 @@
+"""Writes a benchmark run as JSON, a Markdown report and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+IMPL_ORDER = ("jaxbce", "optax", "sigmoid-log", "torch", "copy")
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _size(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+
+
+def _per_element(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _rows(records: list[dict], mode: str, n: int | None = None) -> list[dict]:
+    rows = [
+        r
+        for r in records
+        if r["mode"] == mode and not r.get("sweep") and (n is None or r["n"] == n)
+    ]
+    return sorted(rows, key=lambda r: IMPL_ORDER.index(r["impl"]))
+
+
+def table(records: list[dict], mode: str, n: int) -> str:
+    """One row per case and implementation at size ``n``."""
+    lines = [
+        "| case | impl | ms | Gelem/s | GB/s | % of copy | x optax (paired) | verified |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cases: dict[str, list[dict]] = {}
+    for r in _rows(records, mode, n):
+        cases.setdefault(r["case"], []).append(r)
+    for case, rows in cases.items():
+        for r in rows:
+            x = "-"
+            if "x_optax" in r:
+                paired = f"{r['x_optax_paired']:.2f}x" if r.get("interleaved", True) else "alone"
+                x = f"{r['x_optax']:.2f}x ({paired})"
+            pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-"
+            ok = "-" if r["impl"] == "copy" else ("yes" if r["verify"]["ok"] else "**NO**")
+            lines.append(
+                f"| {case} | {r['impl']} | {_fmt_ms(r['ms'])} | {r['elem_per_s'] / 1e9:.2f} | "
+                f"{r['bytes_per_s'] / 1e9:.1f} | {pct} | {x} | {ok} |"
+            )
+    return "\n".join(lines)
+
+
+def sweep_table(records: list[dict]) -> str:
+    """value_and_grad ms and % of copy against size, one column per implementation."""
+    sweep = [r for r in records if r.get("sweep")]
+    if not sweep:
+        return ""
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in sweep)]
+    lines = ["| case | n | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+    keys = sorted({(r["case"], r["n"]) for r in sweep}, key=lambda k: (k[0], k[1]))
+    for case, n in keys:
+        cells = []
+        for impl in impls:
+            r = [x for x in sweep if x["case"] == case and x["n"] == n and x["impl"] == impl]
+            if not r:
+                cells.append("")
+            elif impl == "copy":
+                cells.append(f"{_fmt_ms(r[0]['ms'])} ms")
+            else:
+                cells.append(f"{_fmt_ms(r[0]['ms'])} ms ({r[0]['pct_copy']:.0f}%)")
+        lines.append(f"| {case} | {_size(n)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hlo_table(hlo: list[dict]) -> str:
+    lines = [
+        "| case | fusions (entry) | fusions reading logits / labels | temp bytes per element |",
+        "|---|---|---|---|",
+    ]
+    for h in hlo:
+        s = h["summary"]
+        lines.append(
+            f"| {h['case']} | {', '.join(s['fusions'])} | {s['logits_readers']} / "
+            f"{s['labels_readers']} | {_per_element(s['temp_per_element'])} |"
+        )
+    return "\n".join(lines)
+
+
+def train_table(train: dict[str, Any]) -> str:
+    lines = [
+        "| config | batch x tags | ms/step jaxbce | ms/step optax | speed-up (paired) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in train["configs"].items():
+        lines.append(
+            f"| {name} | {c['batch']} x {c['tags']} | {c['ms']['jaxbce']:.3f} | "
+            f"{c['ms']['optax']:.3f} | {c['speedup_vs_optax']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def targets(run: dict[str, Any]) -> str:
+    """Issue 4's targets, checked on this run's value_and_grad table."""
+    n = run["table_n"]
+    rows = {(r["case"], r["impl"]): r for r in _rows(run["records"], "vg", n)}
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(what: str, value: float | None, goal: float, unit: str) -> None:
+        if value is None:
+            lines.append(f"| {what} | not measured | - |")
+        else:
+            lines.append(f"| {what} | {value:.2f}{unit} | {'yes' if value >= goal else 'NO'} |")
+
+    jb = rows.get(("f32/f32", "jaxbce"), {})
+    if run["meta"]["backend"] == "cpu":
+        add(f"f32 vg at {_size(n)} >= 3x optax (paired)", jb.get("x_optax_paired"), 3, "x")
+    else:
+        for case, r in rows.items():
+            if case[1] == "jaxbce" and "+" not in case[0]:
+                add(f"{case[0]} vg at {_size(n)} >= 90% of copy", r["pct_copy"], 90, "%")
+        add("f32 vg >= 2.2x optax", jb.get("x_optax"), 2.2, "x")
+        torch = rows.get(("f32/f32", "torch"))
+        ratio = torch["ms"] / jb["ms"] if torch and jb else None
+        add("f32 vg >= 7x PyTorch eager", ratio, 7, "x")
+        for h in run.get("hlo", []):
+            s = h["summary"]
+            temp = s["temp_per_element"]
+            ok = temp is not None and temp < 1
+            ok = ok and s["logits_readers"] == s["labels_readers"] == 1
+            lines.append(
+                f"| {h['case']}: no N-sized temporary, one fusion reads logits and labels | "
+                f"{_per_element(temp)} B/element, {s['logits_readers']} / "
+                f"{s['labels_readers']} readers | {'yes' if ok else 'NO'} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown(run: dict[str, Any]) -> str:
+    meta = run["meta"]
+    env = "".join(f"{k}={v} " for k, v in meta.get("env", {}).items())
+    n = run["table_n"]
+    parts = [
+        f"# jaxbce benchmark: {meta['device']}",
+        "",
+        f"{meta['date']}, jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
+        f"torch {meta['torch']}, {meta['cpu_count']} CPU cores, load average "
+        f"{meta['load_before']} before / {meta['load_after']} after. Command: "
+        f"`{env}{meta['command']}`",
+        "",
+        f"Median of {meta['repeats']} samples per function, {meta['in_flight']} call(s) in "
+        f"flight per sample, {meta.get('pause_ms', 0):g} ms of sleep before each sample; the "
+        "JAX functions of a case are sampled interleaved (round-robin), PyTorch on the CPU "
+        "in a block of its own (*alone*: its threads keep spinning after each call and slow "
+        "whatever runs next). *% of copy*: time of a copy of the same bytes (read logits "
+        "and labels, write the gradient) over the time of the loss. *x optax*: optax's "
+        "median over this one's; in brackets the median of the per-round ratios (robust to "
+        "load on the machine).",
+        "",
+        "## Targets",
+        "",
+        targets(run),
+        "",
+        f"## value_and_grad w.r.t. logits, n = {_size(n)}",
+        "",
+        table(run["records"], "vg", n),
+        "",
+        f"## forward only, n = {_size(n)}",
+        "",
+        table(run["records"], "fwd", n),
+        "",
+    ]
+    sweep = sweep_table(run["records"])
+    if sweep:
+        parts += ["## value_and_grad against size (ms, % of copy)", "", sweep, ""]
+    if run.get("hlo"):
+        parts += [f"## Compiled jaxbce value_and_grad, n = {_size(n)}", "", hlo_table(run["hlo"])]
+        parts += [""]
+    if run.get("train_step"):
+        ts = run["train_step"]
+        parts += ["## Jitted train step (multi-label example)", "", f"Model: {ts['source']}.", ""]
+        parts += [train_table(ts), ""]
+    return "\n".join(parts)
+
+
+def plot(run: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the plot is optional; the JSON and Markdown are written anyway
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in run["records"] if r.get("sweep")]
+    if not sweep:
+        return
+    cases = sorted({r["case"] for r in sweep})
+    main = [c for c in cases if any(r["case"] == c and r["impl"] == "optax" for r in sweep)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    for impl in IMPL_ORDER:
+        rows = sorted((r for r in sweep if r["impl"] == impl and r["case"] in main[:1]),
+                      key=lambda r: r["n"])  # fmt: skip
+        if rows:
+            style = "--s" if impl == "copy" else "-o"
+            ax.plot([r["n"] for r in rows], [r["elem_per_s"] for r in rows], style, label=impl)
+    ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="elements / s",
+           title=f"value_and_grad, {main[0] if main else ''}")  # fmt: skip
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    ax = axes[1]
+    for case in cases:
+        rows = sorted((r for r in sweep if r["impl"] == "jaxbce" and r["case"] == case),
+                      key=lambda r: r["n"])  # fmt: skip
+        if rows:
+            ax.plot([r["n"] for r in rows], [r["pct_copy"] for r in rows], "-o", label=case)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="elements", ylabel="% of copy limit",
+           title="jaxbce value_and_grad, % of a copy of the same bytes")  # fmt: skip
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{run['meta']['device']}, jax {run['meta']['jax']}, {run['meta']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(run: dict[str, Any], out: str) -> dict[str, str]:
+    os.makedirs(out, exist_ok=True)
+    paths = {
+        "json": os.path.join(out, "results.json"),
+        "markdown": os.path.join(out, "results.md"),
+        "plot": os.path.join(out, "throughput.png"),
+    }
+    with open(paths["json"], "w") as f:
+        json.dump(run, f, indent=1, default=str)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown(run))
+    plot(run, paths["plot"])
+    return paths
