@@ -36,8 +36,9 @@ def binary_cross_entropy_with_logits(
 
     which is :math:`w(\sigma(z) - y)` for :math:`w_+ = 1`. The loss is evaluated with one
     ``exp`` and one ``log1p`` per element and no cancellation; the gradient comes from a
-    ``jax.custom_jvp`` rule sharing the same ``exp``, so XLA fuses loss and gradient into
-    one pass over memory. Hard labels drop their unused term exactly, so the loss is 0 at
+    ``jax.custom_jvp`` rule (one ``exp``, no autodiff through the loss). On GPU and TPU
+    loss and gradient share the ``exp`` and XLA fuses them into one pass over memory; on
+    CPU a formulation suited to XLA:CPU is chosen when compiling. Hard labels drop their unused term exactly, so the loss is 0 at
     ``(z=+inf, y=1)`` and ``(z=-inf, y=0)``, ``+inf`` on the wrong side of an infinite
     logit and for soft labels there, and the gradient stays finite. NaN in gives NaN out,
     except in entries masked out by ``where`` or ``ignore_index``, which are replaced by 0
@@ -49,7 +50,7 @@ def binary_cross_entropy_with_logits(
       logits: float array of any shape ``[...]`` (float16, bfloat16, float32, float64).
         Arithmetic runs in at least float32.
       labels: array of exactly the shape of ``logits`` (never broadcast), float in
-        [0, 1], bool or integer; converted inside the fused computation.
+        [0, 1], bool or integer; converted inside the compiled computation.
       weight: optional per-element weight, broadcastable to ``logits.shape``.
       pos_weight: optional weight of the positive term, broadcast along trailing axes:
         shape ``[C]`` weights each class of ``[B, C]`` multi-label logits.
