@@ -142,6 +142,12 @@ class TestEqualsBCE:
         np.testing.assert_array_equal(got, jaxbce.binary_cross_entropy_with_logits(z, y, **kw))
 
 
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN) as f:
+        return {k: f[k] for k in f.files}
+
+
 class TestTorchvisionGolden:
     """torchvision.ops.sigmoid_focal_loss (torch 2.14.1, torchvision 0.29.1), float64.
 
@@ -150,11 +156,6 @@ class TestTorchvisionGolden:
     ``(1 - y) z + log(1 + exp(-z))``-like sums, which cancel to absolute errors of about
     eps64 times the size of the terms (e.g. loss 0 instead of 2.3e-16 at z = -36, y = 0).
     """
-
-    @pytest.fixture(scope="class")
-    def golden(self):
-        with np.load(GOLDEN) as f:
-            return {k: f[k] for k in f.files}
 
     def _ours(self, golden, i, dtype):
         z = jnp.asarray(golden["logits"], dtype)
