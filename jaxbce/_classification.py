@@ -38,11 +38,12 @@ def binary_cross_entropy_with_logits(
     ``exp`` and one ``log1p`` per element and no cancellation; the gradient comes from a
     ``jax.custom_jvp`` rule (one ``exp``, no autodiff through the loss). On GPU and TPU
     loss and gradient share the ``exp`` and XLA fuses them into one pass over memory; on
-    CPU a formulation suited to XLA:CPU is chosen when compiling. Hard labels drop their unused term exactly, so the loss is 0 at
-    ``(z=+inf, y=1)`` and ``(z=-inf, y=0)``, ``+inf`` on the wrong side of an infinite
-    logit and for soft labels there, and the gradient stays finite. NaN in gives NaN out,
-    except in entries masked out by ``where`` or ``ignore_index``, which are replaced by 0
-    before the loss and contribute nothing, not even NaN.
+    CPU a formulation suited to XLA:CPU is chosen when compiling. Hard labels drop their
+    unused term exactly, so the loss is 0 at ``(z=+inf, y=1)`` and ``(z=-inf, y=0)``,
+    ``+inf`` on the wrong side of an infinite logit and for soft labels there, and the
+    gradient stays finite. NaN in gives NaN out, except in entries masked out by ``where``
+    or ``ignore_index``, which are replaced by 0 before the loss and contribute nothing,
+    not even NaN.
 
     Semantics follow PyTorch's ``binary_cross_entropy_with_logits``, plus options it lacks.
 

@@ -115,16 +115,21 @@ def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> str:
     return reduction
 
 
-def check_unit_interval(value: Any, name: str) -> None:
-    """Checks a scalar option lies in [0, 1] when its value is known at trace time."""
+def check_scalar_option(value: Any, name: str, lo: float = 0.0, hi: float | None = 1.0) -> None:
+    """Checks a scalar option lies in [lo, hi] (``hi=None``: >= lo; NaN never passes)
+
+    when its value is known at trace time; a traced value is left to the caller.
+    """
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}.")
     try:
         v = float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return  # a traced value: nothing to check at trace time
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1]; got {v}.")
+    if hi is None and not v >= lo:
+        raise ValueError(f"{name} must be >= {lo:g}; got {v}.")
+    if hi is not None and not lo <= v <= hi:
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}]; got {v}.")
 
 
 def make_mask(
@@ -147,7 +152,7 @@ def make_mask(
 
 def smooth_labels(labels: jax.Array, label_smoothing: Any) -> jax.Array:
     """Keras label smoothing: ``y * (1 - eps) + eps / 2`` (no-op for a static 0)."""
-    check_unit_interval(label_smoothing, "label_smoothing")
+    check_scalar_option(label_smoothing, "label_smoothing")
     if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
         return labels
     eps = jnp.asarray(label_smoothing, labels.dtype)

@@ -14,18 +14,6 @@ from jax.typing import ArrayLike
 from jaxbce import _common, _core
 
 
-def _check_gamma(gamma: Any) -> None:
-    """Checks the focusing parameter: a scalar, >= 0 when its value is known at trace time."""
-    if np.ndim(gamma) != 0:
-        raise ValueError(f"gamma must be a scalar; got shape {np.shape(gamma)}.")
-    try:
-        g = float(gamma)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return  # a traced value: nothing to check at trace time
-    if not g >= 0.0:  # also rejects NaN
-        raise ValueError(f"gamma must be >= 0; got {g}.")
-
-
 def _bce_and_grad(z: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The core BCE and its derivative in z (the core's own rule, via one jvp)."""
     return jax.jvp(lambda z: _core.bce_with_logits(z, y, None), (z,), (jnp.ones_like(z),))
@@ -259,10 +247,10 @@ def sigmoid_focal_loss(
         axis=axis,
         reduction=reduction,
     )
-    _check_gamma(gamma)
+    _common.check_scalar_option(gamma, "gamma", hi=None)
     if alpha is not None:
         if np.ndim(alpha) == 0:
-            _common.check_unit_interval(alpha, "alpha")
+            _common.check_scalar_option(alpha, "alpha")
             alpha = jnp.asarray(alpha, p.compute_dtype)
         else:
             alpha = _common.check_broadcast(alpha, "alpha", p.x.shape, p.compute_dtype)

@@ -413,7 +413,7 @@ def sparse_binary_cross_entropy_with_logits(
     _common.check_broadcast(pos_weight, "pos_weight", shape, cdt)
     mask = _common.make_mask(where, None, None, shape)
     if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
-        _common.check_unit_interval(label_smoothing, "label_smoothing")
+        _common.check_scalar_option(label_smoothing, "label_smoothing")
         y0 = y1 = None  # labels 0 and 1: no label operand at all
     else:
         y0, y1 = (_common.smooth_labels(jnp.asarray(v, cdt), label_smoothing) for v in (0.0, 1.0))
