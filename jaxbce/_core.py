@@ -113,19 +113,23 @@ def _grad_cpu(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     The same math as :func:`_grad_fused`, written to share no instruction with
     :func:`_loss_cpu`, not even a broadcast constant: XLA:CPU cannot hand an op that two
     fusions read to the loss's reduction fusion, so it would materialize it (an N-sized
-    array). Hence ``-1 / (-1 - e)`` for ``1 / (1 + e)``, ``s - y s`` for ``(1 - y) s``
-    and ``y (2 pw s) / 2`` for ``(pw y) s``.
+    array). Hence ``-1 / (-1 - e)`` for ``1 / (1 + e)``, ``-((y - 1) s)`` for
+    ``(1 - y) s`` and ``y (2 pw s) / 2`` for ``(pw y) s``.
     """
     pos = z >= 0
     e = jnp.exp(jnp.where(pos, -z, z))
     r = -1 / (-1 - e)  # sigmoid(|z|)
     er = e * r  # sigmoid(-|z|)
     s_pos, s_neg = jnp.where(pos, r, er), jnp.where(pos, er, r)
+    # (1 - y) s_pos as -((y + (-1)) s_pos): y - 1 is exact for y >= 1/2, so there is no
+    # cancellation near y = 1 even where XLA does not fuse it into a multiply-add (eager
+    # calls), and it shares no instruction or constant with the loss's 1 - y.
+    neg_a_s = (y + (-1.0)) * s_pos
     if pw is None:
-        return (s_pos - y * s_pos) - y * s_neg
+        return -neg_a_s - y * s_neg
     # 2 pw is a broadcast of its own (XLA folds the scalar into it), so the loss keeps
     # pw's broadcast to itself; the exact * 0.5 undoes the 2.
-    return (s_pos - y * s_pos) - (y * ((2 * pw) * s_neg)) * 0.5
+    return -neg_a_s - (y * ((2 * pw) * s_neg)) * 0.5
 
 
 def _per_platform(cpu, default, z, y, pw):

@@ -135,12 +135,18 @@ def _loss_and_grad_fns():
         out, f = jax.vjp(lambda z: loss(z, y, pw), z)
         return f(jnp.ones_like(out))[0]
 
-    return loss, grad, vjp
+    def eager(z, y, pw):
+        # no jit anywhere: op-by-op dispatch, where XLA cannot fuse multiply-adds
+        return jax.grad(
+            lambda z: jaxbce.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="sum")
+        )(z)
+
+    return loss, grad, vjp, eager
 
 
 def _jaxbce(z, y, pw=None, what="loss"):
     """jaxbce's per-element loss or gradient for logits ``z`` and a scalar label ``y``."""
-    fns = dict(zip(("loss", "grad", "vjp"), _loss_and_grad_fns(), strict=True))
+    fns = dict(zip(("loss", "grad", "vjp", "eager"), _loss_and_grad_fns(), strict=True))
     yy = jnp.full(np.shape(z), y, jnp.float32)
     pw = None if pw is None else jnp.full(np.shape(z), pw, jnp.float32)
     return np.asarray(fns[what](jnp.asarray(z), yy, pw), np.float64)
@@ -224,7 +230,7 @@ def test_loss_with_pos_weight_within_3_ulp(y, pw):
 # --------------------------------------------------------------- float32 gradient
 
 
-@pytest.mark.parametrize("what", ["grad", "vjp"])
+@pytest.mark.parametrize("what", ["grad", "vjp", "eager"])
 @pytest.mark.parametrize("pw", [None, 0.5, 3.0])
 @pytest.mark.parametrize("y", HARD)
 def test_hard_label_gradient_within_3_ulp(y, pw, what):
@@ -233,7 +239,7 @@ def test_hard_label_gradient_within_3_ulp(y, pw, what):
     assert ulp.max() <= MAX_ULP, _worst(ulp, Z_GRAD)
 
 
-@pytest.mark.parametrize("what", ["grad", "vjp"])
+@pytest.mark.parametrize("what", ["grad", "vjp", "eager"])
 @pytest.mark.parametrize("pw", [None, 0.5, 3.0])
 @pytest.mark.parametrize("y", SOFT)
 def test_soft_label_gradient_within_3_eps_of_its_terms(y, pw, what):
@@ -294,7 +300,7 @@ _unit_f32 = st.floats(0.0, 1.0, width=32)
     y=hnp.arrays(np.float32, (8,), elements=_unit_f32),
 )
 def test_finite_input_gives_finite_nonnegative_loss_and_finite_gradient(z, y):
-    loss_fn, _, vjp_fn = _loss_and_grad_fns()
+    loss_fn, _, vjp_fn, _ = _loss_and_grad_fns()
     loss = np.asarray(loss_fn(z, y, None))
     grad = np.asarray(vjp_fn(z, y, None))
     assert np.all(np.isfinite(loss)) and np.all(loss >= 0), (z, y, loss)
