@@ -231,7 +231,7 @@ def pos_weight_from_labels(
     labels = _common.check_labels(labels, jnp.shape(labels))
     shape = labels.shape
     axis = _common.normalize_axis(axis, labels.ndim)
-    mask = _common.make_mask(where, labels, ignore_index, shape)
+    mask = _common.make_mask(where, labels, ignore_index, shape, target="labels")
     y = labels.astype(jnp.float32)
     sel = jnp.ones(shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     (y,) = _common.apply_mask(mask, y)

@@ -120,11 +120,13 @@ def check_scalar_option(value: Any, name: str, lo: float = 0.0, hi: float | None
 
     when its value is known at trace time; a traced value is left to the caller.
     """
+    if isinstance(value, (str, bytes)) or not _is_real_or_bool(_dtype_of(value)):
+        raise TypeError(f"{name} must be a real number; got {value!r}.")
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}.")
     try:
         v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except jax.errors.ConcretizationTypeError:
         return  # a traced value: nothing to check at trace time
     if hi is None and not v >= lo:
         raise ValueError(f"{name} must be >= {lo:g}; got {v}.")
@@ -133,19 +135,38 @@ def check_scalar_option(value: Any, name: str, lo: float = 0.0, hi: float | None
 
 
 def make_mask(
-    where: ArrayLike | None, labels: jax.Array, ignore_index: Any, shape: tuple[int, ...]
+    where: ArrayLike | None,
+    labels: jax.Array,
+    ignore_index: Any,
+    shape: tuple[int, ...],
+    *,
+    target: str = "logits",
 ) -> jax.Array | None:
-    """Combines ``where`` and ``ignore_index`` into one boolean mask (None: keep all)."""
+    """Combines ``where`` and ``ignore_index`` into one boolean mask (None: keep all).
+
+    ``ignore_index`` is compared with the labels exactly (in a dtype holding both), and a
+    NaN ``ignore_index`` matches NaN labels.
+    """
     mask = None
     if where is not None:
         where = jnp.asarray(where)
         if where.dtype != jnp.bool_:
             raise TypeError(f"where must be a boolean array; got dtype {where.dtype}.")
-        mask = check_broadcast(where, "where", shape, jnp.bool_)
+        mask = check_broadcast(where, "where", shape, jnp.bool_, target=target)
     if ignore_index is not None:
         if np.ndim(ignore_index) != 0:
             raise ValueError(f"ignore_index must be a scalar; got shape {np.shape(ignore_index)}.")
-        keep = labels != jnp.asarray(ignore_index, labels.dtype)
+        if isinstance(ignore_index, (str, bytes)) or not _is_real_or_bool(_dtype_of(ignore_index)):
+            raise TypeError(f"ignore_index must be a real number; got {ignore_index!r}.")
+        # Compare in a dtype that holds both exactly: never cast ignore_index to the labels'
+        # dtype (-1 would become True for bool labels, 255 for uint8; 0.5 would become 0).
+        ig = jnp.asarray(ignore_index)
+        dt = jnp.promote_types(labels.dtype, ig.dtype)
+        lab, ig = labels.astype(dt), ig.astype(dt)
+        missing = lab == ig
+        if jnp.issubdtype(dt, jnp.floating):
+            missing = missing | (jnp.isnan(lab) & jnp.isnan(ig))  # NaN marks missing labels
+        keep = ~missing
         mask = keep if mask is None else mask & keep
     return mask
 
@@ -197,7 +218,7 @@ def reduce_loss(
     if reduction == "mean" or weight is None:
         if mask is None:
             count = loss.size if axis is None else int(np.prod([loss.shape[a] for a in axis]))
-            return (total / count).astype(dtype)
+            return (total / max(count, 1)).astype(dtype)  # an empty mean is 0, not NaN
         count = jnp.sum(mask, axis=axis, dtype=loss.dtype)
     else:  # weighted_mean
         w = weight if mask is None else jnp.where(mask, weight, jnp.zeros((), weight.dtype))
@@ -244,7 +265,7 @@ def prepare(
     axis = normalize_axis(axis, x.ndim)
     check_reduction(reduction)
     weight = check_broadcast(weight, "weight", shape, cdt, target=name)
-    mask = make_mask(where, labels, ignore_index, shape)
+    mask = make_mask(where, labels, ignore_index, shape, target=name)
     xc, y = apply_mask(mask, x.astype(cdt), labels.astype(cdt))
     y = smooth_labels(y, label_smoothing)
     return Prepared(xc, y, weight, mask, axis, dtype, cdt)

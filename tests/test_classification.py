@@ -121,6 +121,30 @@ class TestValues:
         got2 = bce(z, y_missing, ignore_index=-1, where=extra)
         np.testing.assert_allclose(got2, ref_bce(z, y, mask=keep & extra), rtol=1e-6)
 
+    @pytest.mark.parametrize(
+        "labels, ignore_index, kept",
+        [
+            (np.array([True, False]), -1, [True, True]),  # -1 is not True
+            (np.array([1, 0], np.int32), 0.5, [True, True]),  # 0.5 is not 0
+            (np.array([1, 255], np.uint8), 255, [True, False]),
+            (np.array([1, 0], np.uint8), -1, [True, True]),  # no overflow error
+            (np.array([1.0, np.nan], np.float32), np.nan, [True, False]),  # NaN = missing
+        ],
+    )
+    def test_ignore_index_is_compared_exactly(self, labels, ignore_index, kept):
+        z = jnp.array([2.0, -1.0])
+        got = bce(z, labels, ignore_index=ignore_index, reduction="none")
+        want = np.where(
+            kept, ref_bce(z, np.nan_to_num(labels.astype(np.float64)), reduction="none"), 0.0
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        g = jax.grad(bce)(z, labels, ignore_index=ignore_index)
+        assert np.all(np.isfinite(g))
+
+    def test_empty_input_mean_is_zero(self):
+        assert bce(jnp.zeros((0,)), jnp.zeros((0,))) == 0
+        np.testing.assert_array_equal(bce(jnp.zeros((3, 0)), jnp.zeros((3, 0)), axis=1), 0)
+
     def test_masked_nan_labels_give_finite_loss_and_gradient(self):
         z = jnp.array([0.5, -1.0, 2.0])
         y = jnp.array([1.0, jnp.nan, 0.0])
@@ -200,6 +224,17 @@ class TestErrors:
     def test_bad_axis(self, axis):
         with pytest.raises((ValueError, TypeError), match="axis"):
             bce(jnp.zeros((2, 3)), jnp.zeros((2, 3)), axis=axis)
+
+    @pytest.mark.parametrize("eps", ["0.1", 0.1j])
+    def test_label_smoothing_must_be_a_real_number(self, eps):
+        with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+            bce(jnp.zeros(3), jnp.zeros(3), label_smoothing=eps)
+
+    def test_ignore_index_must_be_a_real_scalar(self):
+        with pytest.raises(TypeError, match="ignore_index must be a real number"):
+            bce(jnp.zeros(3), jnp.zeros(3), ignore_index="x")
+        with pytest.raises(ValueError, match="ignore_index must be a scalar"):
+            bce(jnp.zeros(3), jnp.zeros(3), ignore_index=[1, 2])
 
     @pytest.mark.parametrize("eps", [-0.1, 1.5])
     def test_label_smoothing_out_of_range(self, eps):
