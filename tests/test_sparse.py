@@ -306,3 +306,17 @@ class TestRuntimeCheck:
         err = checkify.checkify(lambda i: check_positive_indices(i, 4))(idx)[0]
         with pytest.raises(checkify.JaxRuntimeError, match="3 entries"):
             err.throw()
+
+
+def test_inf_weight_at_a_masked_out_positive_stays_out():
+    z = jnp.zeros((1, 3))
+    w = jnp.array([1.0, jnp.inf, 1.0])
+    keep = jnp.array([True, False, True])
+    got = jaxbce.sparse_binary_cross_entropy_with_logits(
+        z, jnp.array([[1]]), weight=w, where=keep, reduction="sum"
+    )
+    want = jaxbce.binary_cross_entropy_with_logits(
+        z, jnp.array([[0, 1, 0]]), weight=w, where=keep, reduction="sum"
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.isfinite(got)
