@@ -9,6 +9,8 @@ YNNPACK reduction and one multithreaded loop fusion (docs/performance.md).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -172,6 +174,7 @@ def bce_with_logits(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Arr
 # The rule gives the p - y gradient directly (no autodiff through log1p/exp), is
 # written in jnp ops so that it differentiates again (Hessians), and skips the work
 # for arguments that are not differentiated (symbolic zeros).
+@functools.partial(bce_with_logits.defjvp, symbolic_zeros=True)
 def _bce_with_logits_jvp(primals, tangents):
     z, y, pw = primals
     dz, dy, dpw = tangents
@@ -197,8 +200,6 @@ def _bce_with_logits_jvp(primals, tangents):
         tangent = tangent + t
     return out, tangent
 
-
-bce_with_logits.defjvp(_bce_with_logits_jvp, symbolic_zeros=True)
 
 # PyTorch clamps each log term of BCELoss at -100 so that p = 0 or 1 gives a finite loss.
 LOG_CLAMP = -100.0
@@ -229,6 +230,7 @@ def bce_on_probs(p: jax.Array, y: jax.Array) -> jax.Array:
     return -(y * log_p + (1 - y) * log_q)
 
 
+@functools.partial(bce_on_probs.defjvp, symbolic_zeros=True)
 def _bce_on_probs_jvp(primals, tangents):
     p, y = primals
     dp, dy = tangents
@@ -241,6 +243,3 @@ def _bce_on_probs_jvp(primals, tangents):
         log_q = jnp.maximum(_log1m(p), LOG_CLAMP)
         tangent = tangent + (log_q - log_p) * dy
     return out, tangent
-
-
-bce_on_probs.defjvp(_bce_on_probs_jvp, symbolic_zeros=True)

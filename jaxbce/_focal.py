@@ -99,6 +99,7 @@ def focal_with_logits(
 # pow, which is inf * 0 = NaN for gamma < 1 where m underflows), shares exp(-|z|) with
 # the loss, is written in jnp ops so that it differentiates again, and skips the work
 # for arguments that are not differentiated (symbolic zeros).
+@functools.partial(focal_with_logits.defjvp, symbolic_zeros=True)
 def _focal_with_logits_jvp(hard, primals, tangents):
     z, y, alpha, gamma = primals
     dz, dy, dalpha, dgamma = tangents
@@ -131,9 +132,6 @@ def _focal_with_logits_jvp(hard, primals, tangents):
     for t in terms[1:]:
         tangent = tangent + t
     return out, jnp.broadcast_to(tangent, out.shape)
-
-
-focal_with_logits.defjvp(_focal_with_logits_jvp, symbolic_zeros=True)
 
 
 def sigmoid_focal_loss(

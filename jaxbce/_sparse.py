@@ -268,6 +268,7 @@ def _sparse_total(axis, z, cols, safe, keep, y0, y1, w2, m2, pw2, scale) -> jax.
 # folded in before the scatter, so that under value_and_grad XLA writes the gradient once
 # and patches K entries per row in place. Derivatives w.r.t. the other float inputs go
 # through the dense formulation, which costs nothing unless they are differentiated.
+@functools.partial(_sparse_total.defjvp, symbolic_zeros=True)
 def _sparse_total_jvp(axis, primals, tangents):
     z, cols, safe, keep, y0, y1, w2, m2, pw2, scale = primals
     dz, _, _, _, dy0, dy1, dw2, _, dpw2, dscale = tangents
@@ -300,9 +301,6 @@ def _sparse_total_jvp(axis, primals, tangents):
 
         tangent = tangent + jax.jvp(dense, rest, d_rest)[1]
     return out, tangent
-
-
-_sparse_total.defjvp(_sparse_total_jvp, symbolic_zeros=True)
 
 
 def sparse_binary_cross_entropy_with_logits(
