@@ -3,14 +3,17 @@ copy of the same bytes (the memory-bandwidth limit of a memory-bound loss).
 
     python -m benchmarks.bench --quick              # CPU: a few minutes
     python -m benchmarks.bench --gpu --out DIR      # one GPU: 2^16 .. 2^28 elements
+    python -m benchmarks.bench --sparse-only        # only the sparse targets
 
 Times the jitted ``value_and_grad`` of the mean loss w.r.t. the logits ("vg") and the
 loss alone ("fwd"), for logits {f32, bf16} x labels {f32, bool, int8}, with and without
 ``pos_weight`` / ``weight`` / ``where``, and a whole jitted train step of the multi-label
-example. Every function is compiled once ahead of time and warmed up; the
-implementations of one case are timed interleaved (round-robin, so that load on the
-machine hits them alike), each sample with ``--in-flight`` calls dispatched before
-blocking; the median is reported. Every result is checked against a float64 reference.
+example; and sparse positive-index targets (``sparse_binary_cross_entropy_with_logits``)
+against the same labels given dense (f32, bool), with a copy of the sparse loss's bytes.
+Every function is compiled once ahead of time and warmed up; the implementations of one
+case are timed interleaved (round-robin, so that load on the machine hits them alike),
+each sample with ``--in-flight`` calls dispatched before blocking; the median is
+reported. Every result is checked against a float64 reference.
 Writes ``results.json``, ``results.md`` and ``throughput.png`` to ``--out``.
 """
 
@@ -52,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "table": 22,
         "table_options": {("f32", "f32"): impls.OPTIONS, ("bf16", "bool"): impls.OPTIONS},
         "fwd_options": impls.OPTIONS,
+        "sparse": [(22, 65536, 32), (22, 4096, 32)],
         "repeats": 25,
         "in_flight": 1,
         "pause_ms": 5,
@@ -62,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "table": 24,
         "table_options": {d: impls.OPTIONS for d in ALL_DTYPES},
         "fwd_options": impls.OPTIONS,
+        "sparse": [(22, 65536, 32), (22, 4096, 32), (24, 65536, 32), (24, 1 << 20, 32)],
         "repeats": 25,
         "in_flight": 1,
         "pause_ms": 5,
@@ -72,6 +77,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "table": 28,
         "table_options": {d: impls.OPTIONS for d in ALL_DTYPES},
         "fwd_options": ("none",),
+        # The sparse target is stated at 2^28 with C = 65536; 2^24 and 2^26 for the trend.
+        "sparse": [
+            (24, 65536, 32),
+            (26, 65536, 32),
+            (28, 65536, 32),
+            (28, 4096, 32),
+            (28, 1 << 20, 32),
+        ],
         "repeats": 30,
         "in_flight": 8,
         "pause_ms": 0,
@@ -235,6 +248,71 @@ def run_case(
     return records, summary
 
 
+def run_sparse_case(
+    case: impls.SparseCase,
+    *,
+    repeats: int,
+    in_flight: int,
+    pause: float = 0.0,
+    dump_hlo: str | None = None,
+) -> list[dict]:
+    """Times the sparse loss, the dense losses on the same labels and the copies."""
+    dev = {
+        k: jax.device_put(v)
+        for k, v in impls.sparse_host_inputs(case.n, case.classes, case.k).items()
+    }
+    runners: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {}
+    summaries, checks = {}, {}
+    for name in [*impls.SPARSE_IMPLS, *impls.SPARSE_COPIES]:
+        args = (dev["z"], dev[impls.SPARSE_INPUTS[name]])
+        compiled = impls.compile_sparse(name, args)
+        runners[name] = (lambda c=compiled, a=args: c(*a), jax.block_until_ready)
+        summaries[name] = hlo.summarize(compiled, case.n)
+        if dump_hlo and name == "sparse":
+            os.makedirs(dump_hlo, exist_ok=True)
+            fname = f"sparse_{case.batch}x{case.classes}_k{case.k}.hlo.txt"
+            with open(os.path.join(dump_hlo, fname), "w") as f:
+                f.write(compiled.as_text())
+        out = runners[name][0]()
+        jax.block_until_ready(out)
+        if name not in impls.SPARSE_COPIES:
+            checks[name] = impls.verify_sparse(case, out)
+        del out
+    t = time_interleaved(runners, repeats=repeats, in_flight=in_flight, pause=pause)
+    del dev, runners
+    records = []
+    for name, s in t.items():
+        ms = float(np.median(s) * 1e3)
+        nbytes = case.bytes_moved(name)
+        rec = {
+            "case": case.label,
+            "n": case.n,
+            "batch": case.batch,
+            "classes": case.classes,
+            "k": case.k,
+            "impl": name,
+            "ms": ms,
+            "ms_min": float(s.min() * 1e3),
+            "ms_p25": float(np.percentile(s, 25) * 1e3),
+            "ms_p75": float(np.percentile(s, 75) * 1e3),
+            "samples": len(s),
+            "elem_per_s": case.n / (ms / 1e3),
+            "bytes_per_s": nbytes / (ms / 1e3),
+            "bytes": nbytes,
+            "x_dense_f32": float(np.median(t["dense-f32"]) / np.median(s)),
+            "x_dense_f32_paired": float(np.median(t["dense-f32"] / s)),
+            "temp_per_element": summaries[name]["temp_per_element"],
+        }
+        if name not in impls.SPARSE_COPIES:
+            copy = impls.SPARSE_COPY_OF[name]
+            rec["copy"] = copy
+            rec["pct_copy"] = 100 * float(np.median(t[copy])) / float(np.median(s))
+            rec["verify"] = checks[name]
+            rec["hlo"] = summaries[name]
+        records.append(rec)
+    return records
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -257,6 +335,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sweep", action="store_true", help="only the tables")
     parser.add_argument("--no-train-step", action="store_true", help="skip the train step")
     parser.add_argument("--dump-hlo", action="store_true", help="write jaxbce's compiled HLO")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the sparse targets")
+    parser.add_argument(
+        "--sparse-only", action="store_true", help="only the sparse targets (no sweep/tables)"
+    )
+    parser.add_argument(
+        "--sparse", default=None, help="sparse shapes log2(B*C):C:K, e.g. 22:65536:32,28:4096:32"
+    )
     args = parser.parse_args(argv)
 
     name = "gpu" if args.gpu else "full" if args.full else "quick"
@@ -270,7 +355,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     in_flight = args.in_flight or cfg["in_flight"]
     pause = (args.pause_ms if args.pause_ms is not None else cfg["pause_ms"]) / 1e3
     out = args.out or os.path.join("benchmarks", "results", backend)
+    if args.sparse_only and not args.out:  # never overwrite a whole run's results
+        out = os.path.join(out, "sparse")
     names = [s for s in args.impls.split(",") if s]
+    if args.no_sparse and args.sparse_only:
+        parser.error("--no-sparse and --sparse-only exclude each other")
+    sparse_shapes = cfg["sparse"]
+    if args.sparse:
+        try:
+            sparse_shapes = [tuple(int(x) for x in s.split(":")) for s in args.sparse.split(",")]
+        except ValueError:
+            parser.error(f"--sparse {args.sparse!r}: expected log2(B*C):C:K[,...]")
+    for shape in sparse_shapes:
+        if len(shape) != 3 or min(shape) < 1:
+            parser.error(f"--sparse {shape}: expected log2(B*C):C:K, all positive")
+        log_n, classes, _ = shape
+        if (1 << log_n) % classes or (1 << log_n) < classes:
+            parser.error(f"--sparse {shape}: C must divide 2^{log_n}")
+    if args.no_sparse:
+        sparse_shapes = []
     torch_device = None
     if "torch" in names and impls.torch_available():
         import torch
@@ -294,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "in_flight": in_flight,
         "pause_ms": pause * 1e3,
         "classes": impls.CLASSES,
+        "sparse_shapes": [list(s) for s in sparse_shapes],
+        "sparse_only": args.sparse_only,
     }
     _progress(f"{meta['device']}, jax {meta['jax']}, preset {name}, out {out}")
     records: list[dict] = []
@@ -327,19 +432,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. sweep: value_and_grad against size; every implementation for f32/f32.
     for logits, labels in ALL_DTYPES:
-        for k in [] if args.no_sweep else sweep:
+        for k in [] if args.no_sweep or args.sparse_only else sweep:
             sweep_names = names if (logits, labels) == ("f32", "f32") else ["jaxbce"]
             run(Case(1 << k, logits, labels), sweep_names, sweep_flag=True)
     # 2. the tables at one size: every dtype pair, options where the preset says.
-    for mode in impls.MODES:
+    for mode in () if args.sparse_only else impls.MODES:
         for logits, labels in ALL_DTYPES:
             for option in cfg["table_options"].get((logits, labels), ("none",)):
                 if mode == "fwd" and option not in cfg["fwd_options"]:
                     continue
                 run(Case(table_n, logits, labels, option, mode), names)
-    # 3. a real train step.
+    # 3. sparse positive-index targets against the same labels given dense.
+    sparse: list[dict] = []
+    for log_n, classes, k in sparse_shapes:
+        case = impls.SparseCase(1 << log_n, classes, k)
+        recs = run_sparse_case(
+            case,
+            repeats=repeats,
+            in_flight=in_flight,
+            pause=pause,
+            dump_hlo=os.path.join(out, "hlo") if args.dump_hlo else None,
+        )
+        sparse.extend(recs)
+        r = {x["impl"]: x for x in recs}
+        bad = [x["impl"] for x in recs if not x.get("verify", {"ok": True})["ok"]]
+        _progress(
+            f"[{time.perf_counter() - start:6.1f}s] sparse {case.label} n=2^{log_n}: "
+            f"sparse {r['sparse']['ms']:.3f} ms, dense f32 {r['dense-f32']['ms']:.3f} ms, "
+            f"{r['sparse']['x_dense_f32_paired']:.2f}x (paired), "
+            f"{r['sparse']['pct_copy']:.0f}% of copy"
+            + (f" VERIFY FAILED: {', '.join(bad)}" if bad else "")
+        )
+    # 4. a real train step.
     train = None
-    if not args.no_train_step:
+    if not args.no_train_step and not args.sparse_only:
         from benchmarks import train_step
 
         train = train_step.time_train_steps(repeats=max(5, repeats // 2))
@@ -350,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["seconds"] = round(time.perf_counter() - start, 1)
     result = {"meta": meta, "table_n": table_n, "records": records, "hlo": hlo_rows}
     result["train_step"] = train
+    result["sparse"] = sparse
     paths = report.write(result, out)
     _progress(f"done in {meta['seconds']} s: " + ", ".join(paths.values()))
     return result

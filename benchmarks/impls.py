@@ -265,3 +265,134 @@ def _take(flat: Any, idx: np.ndarray) -> np.ndarray:
 
     picked = flat.detach()[torch.from_numpy(idx).to(flat.device)]
     return picked.to(torch.float64).cpu().numpy()
+
+
+# ------------------------------------------------------------------- sparse targets
+
+# The sparse-targets comparison: jaxbce.sparse_binary_cross_entropy_with_logits(logits,
+# positive_indices) against jaxbce.binary_cross_entropy_with_logits on the same labels
+# given dense. value_and_grad w.r.t. the logits of the mean loss, f32 logits [B, C].
+SPARSE_IMPLS = ("sparse", "dense-f32", "dense-bool", "scatter+dense")
+SPARSE_COPIES = ("copy", "copy-f32", "copy-bool")
+SPARSE_INPUTS = {
+    "sparse": "idx",
+    "dense-f32": "y_f32",
+    "dense-bool": "y_bool",
+    "scatter+dense": "idx",
+    "copy": "idx",
+    "copy-f32": "y_f32",
+    "copy-bool": "y_bool",
+}
+# The copy of the same bytes as each loss: its memory limit.
+SPARSE_COPY_OF = {
+    "sparse": "copy",
+    "scatter+dense": "copy",
+    "dense-f32": "copy-f32",
+    "dense-bool": "copy-bool",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCase:
+    """``n = B * C`` f32 logits with ``C = classes`` and ``[B, k]`` int32 positive indices."""
+
+    n: int
+    classes: int = 65536
+    k: int = 32
+
+    @property
+    def batch(self) -> int:
+        return self.n // self.classes
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch} x {self.classes}, K={self.k}"
+
+    def bytes_moved(self, impl: str) -> int:
+        """The floor of each implementation: what it must read and write once.
+
+        The sparse loss (and a dense loss on labels scattered from the indices inside the
+        function) reads the logits and the indices and writes the gradient; the dense
+        losses read the logits and the labels and write the gradient.
+        """
+        idx = self.batch * self.k * 4
+        per = {"y_f32": 12, "y_bool": 9, "idx": 8}[SPARSE_INPUTS[impl]]
+        return self.n * per + (idx if SPARSE_INPUTS[impl] == "idx" else 0)
+
+
+@functools.lru_cache(maxsize=1)
+def sparse_host_inputs(n: int, classes: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Logits ~ N(0, 2^2); row b has ``count[b] ~ U{1..k}`` positives drawn uniformly from
+    the classes (with replacement, so a few rows repeat an index, which counts once), the
+    rest of its ``k`` slots ``-1``; the dense labels (f32 and bool) are the same positives."""
+    rng = np.random.default_rng(seed)
+    batch = n // classes
+    z = 2 * rng.standard_normal((batch, classes), np.float32)
+    idx = rng.integers(0, classes, (batch, k), dtype=np.int32)
+    count = rng.integers(1, k + 1, batch)
+    idx[np.arange(k)[None, :] >= count[:, None]] = -1
+    rows, slots = np.nonzero(idx >= 0)
+    y = np.zeros((batch, classes), np.bool_)
+    y[rows, idx[rows, slots]] = True
+    return {"z": z, "idx": idx, "y_bool": y, "y_f32": y.astype(np.float32)}
+
+
+def sparse_callable(name: str) -> Callable:
+    """value_and_grad of the mean loss w.r.t. the logits; the copies write one [B, C] f32."""
+    if name == "sparse":
+        return jax.value_and_grad(jaxbce.sparse_binary_cross_entropy_with_logits)
+    if name in ("dense-f32", "dense-bool"):
+        return jax.value_and_grad(jaxbce.binary_cross_entropy_with_logits)
+    if name == "scatter+dense":  # what one writes without the sparse loss
+
+        def f(z, idx):
+            rows = jnp.arange(z.shape[0])[:, None]
+            cols = jnp.where(idx < 0, z.shape[1], idx)  # pad: out of range, dropped
+            y = jnp.zeros(z.shape, z.dtype).at[rows, cols].set(1, mode="drop")
+            return jaxbce.binary_cross_entropy_with_logits(z, y)
+
+        return jax.value_and_grad(f)
+    if name == "copy":  # read logits and indices, write the gradient's bytes
+        return lambda z, idx: z + jnp.sum(idx, dtype=jnp.float32)
+    if name in ("copy-f32", "copy-bool"):  # read logits and dense labels, write [B, C] f32
+        return lambda z, y: z + y.astype(z.dtype)
+    raise ValueError(f"unknown sparse implementation {name!r}")
+
+
+def compile_sparse(name: str, args: tuple) -> Any:
+    return jax.jit(sparse_callable(name)).lower(*args).compile()
+
+
+@functools.lru_cache(maxsize=1)
+def sparse_reference(
+    n: int, classes: int, k: int, sample: int = 1 << 18, positives: int = 1 << 16
+) -> dict[str, Any]:
+    """float64 mean loss over all entries (in chunks) and the gradient of the mean at
+    ``sample`` random positions plus up to ``positives`` of the positive entries (where
+    the sparse gradient is scattered in; random positions would hit few of them)."""
+    host = sparse_host_inputs(n, classes, k)
+    z, y = host["z"], host["y_bool"]
+    total = 0.0
+    rows = max(1, (1 << 22) // classes)
+    for r in range(0, z.shape[0], rows):
+        zi, yi = z[r : r + rows].astype(np.float64), y[r : r + rows]
+        total += np.where(yi, np.logaddexp(0, -zi), np.logaddexp(0, zi)).sum()
+    rng = np.random.default_rng(1)
+    pos = np.flatnonzero(y)
+    pos = rng.choice(pos, min(positives, pos.size), replace=False)
+    idx = np.unique(np.concatenate([rng.choice(n, min(sample, n), replace=False), pos]))
+    zi, yi = z.ravel()[idx].astype(np.float64), y.ravel()[idx].astype(np.float64)
+    grad = (1 - yi) / (1 + np.exp(-zi)) - yi / (1 + np.exp(zi))
+    return {"loss": total / n, "idx": idx, "grad": grad / n, "positives_checked": int(pos.size)}
+
+
+def verify_sparse(case: SparseCase, out: Any) -> dict[str, Any]:
+    """Relative error of the loss and of the sampled gradient (w.r.t. its largest entry)."""
+    ref = sparse_reference(case.n, case.classes, case.k)
+    loss, grad = out
+    err = {"loss_rel_err": abs(float(loss) - ref["loss"]) / abs(ref["loss"])}
+    got = _take(grad.reshape(-1), ref["idx"])
+    err["grad_rel_err"] = float(np.max(np.abs(got - ref["grad"])) / np.max(np.abs(ref["grad"])))
+    err["ok"] = bool(all(v <= 1e-4 for v in err.values()))
+    err["positives_checked"] = ref["positives_checked"]
+    return err
