@@ -2,7 +2,7 @@
 
 * gamma = 0, alpha = None is binary_cross_entropy_with_logits, bit for bit;
 * parity with torchvision's ``sigmoid_focal_loss`` on golden vectors
-  (``tests/golden/focal_torchvision.npz``, made by ``make_focal_golden.py``; torch is
+  (``tests/golden/focal_torchvision.npz``, made by ``scripts/make_focal_golden.py``; torch is
   never imported here) wherever torchvision is finite;
 * accuracy against a float64 reference, hard labels: relative error at most
   ``(4 + gamma |log(1 - p_t)|)`` float32 eps (measured 2026-11, jax 0.10.2 CPU, 200k

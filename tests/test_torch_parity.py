@@ -1,6 +1,6 @@
 """Parity with PyTorch's BCE losses on golden vectors (``tests/golden/torch_bce.npz``).
 
-The golden file (made by ``tests/golden/make_golden.py``, which needs torch; this
+The golden file (made by ``scripts/make_golden.py``, which needs torch; this
 module does not import it) holds, per case, the inputs, PyTorch's loss and its
 gradients with respect to the logits/probabilities and the labels, and an exact
 reference (mpmath, 50 digits) with the size of its terms. See that script for the key

@@ -5,7 +5,7 @@ torch and torchvision, CPU is enough; they need not import beside jaxbce)::
 
     python -m venv /tmp/tvenv
     /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 numpy
-    /tmp/tvenv/bin/python tests/golden/make_focal_golden.py
+    /tmp/tvenv/bin/python scripts/make_focal_golden.py
 
 The script calls ``torchvision.ops.sigmoid_focal_loss`` itself (no re-implementation)
 with ``reduction="none"``, on a fixed set of logits (a grid from 0 to +-1e4 and +-inf,
@@ -32,7 +32,7 @@ import numpy as np
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 ALPHAS = (-1.0, 0.25, 0.6)
 LABELS = (0.0, 1.0, 0.3, 0.75)
-OUT = pathlib.Path(__file__).with_name("focal_torchvision.npz")
+OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "golden" / "focal_torchvision.npz"
 
 
 def make_points() -> tuple[np.ndarray, np.ndarray]:

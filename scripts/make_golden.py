@@ -40,7 +40,7 @@ Key scheme (``np.load(path)[key]``):
 Regenerate (needs torch, CPU build is enough; the tests themselves never import torch)::
 
     pip install torch==2.13.0
-    python tests/golden/make_golden.py
+    python scripts/make_golden.py
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from pathlib import Path
 import mpmath
 import numpy as np
 
-OUT = Path(__file__).with_name("torch_bce.npz")
+OUT = Path(__file__).resolve().parents[1] / "tests" / "golden" / "torch_bce.npz"
 DPS = 50
 LOG_CLAMP = -100  # PyTorch's BCELoss clamps each log at -100 ...
 PROB_EPS = 1e-12  # ... and divides its gradient by max(p (1 - p), 1e-12).
