@@ -173,6 +173,22 @@ def _device_inputs(n: int, logits: str, labels: str) -> dict[str, jax.Array]:
     return {k: jax.device_put(v) for k, v in impls.host_inputs(n, logits, labels).items()}
 
 
+def timing_stats(s: np.ndarray, n: int, nbytes: int) -> dict[str, Any]:
+    """Median, spread and throughput of one implementation's samples (seconds)."""
+    ms = float(np.median(s) * 1e3)
+    return {
+        "n": n,
+        "ms": ms,
+        "ms_min": float(s.min() * 1e3),
+        "ms_p25": float(np.percentile(s, 25) * 1e3),
+        "ms_p75": float(np.percentile(s, 75) * 1e3),
+        "samples": len(s),
+        "elem_per_s": n / (ms / 1e3),
+        "bytes_per_s": nbytes / (ms / 1e3),
+        "bytes": nbytes,
+    }
+
+
 def run_case(
     case: Case,
     names: Sequence[str],
@@ -220,22 +236,13 @@ def run_case(
     nbytes = case.bytes_moved()
     records = []
     for name, s in t.items():
-        ms = float(np.median(s) * 1e3)
         rec = {
             "case": case.label,
             "dtypes": case.dtypes,
             "option": case.option,
             "mode": case.mode,
-            "n": case.n,
             "impl": name,
-            "ms": ms,
-            "ms_min": float(s.min() * 1e3),
-            "ms_p25": float(np.percentile(s, 25) * 1e3),
-            "ms_p75": float(np.percentile(s, 75) * 1e3),
-            "samples": len(s),
-            "elem_per_s": case.n / (ms / 1e3),
-            "bytes_per_s": nbytes / (ms / 1e3),
-            "bytes": nbytes,
+            **timing_stats(s, case.n, nbytes),
         }
         if name != "copy":
             rec["pct_copy"] = 100 * float(np.median(t["copy"])) / float(np.median(s))
@@ -282,23 +289,13 @@ def run_sparse_case(
     del dev, runners
     records = []
     for name, s in t.items():
-        ms = float(np.median(s) * 1e3)
-        nbytes = case.bytes_moved(name)
         rec = {
             "case": case.label,
-            "n": case.n,
             "batch": case.batch,
             "classes": case.classes,
             "k": case.k,
             "impl": name,
-            "ms": ms,
-            "ms_min": float(s.min() * 1e3),
-            "ms_p25": float(np.percentile(s, 25) * 1e3),
-            "ms_p75": float(np.percentile(s, 75) * 1e3),
-            "samples": len(s),
-            "elem_per_s": case.n / (ms / 1e3),
-            "bytes_per_s": nbytes / (ms / 1e3),
-            "bytes": nbytes,
+            **timing_stats(s, case.n, case.bytes_moved(name)),
             "x_dense_f32": float(np.median(t["dense-f32"]) / np.median(s)),
             "x_dense_f32_paired": float(np.median(t["dense-f32"] / s)),
             "temp_per_element": summaries[name]["temp_per_element"],
