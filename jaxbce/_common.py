@@ -171,6 +171,25 @@ def make_mask(
     return mask
 
 
+def label_values(labels: jax.Array) -> jax.Array:
+    """Integer labels are class indicators: nonzero is the positive class (as for bool).
+
+    Float labels are taken as they are (soft labels in [0, 1]).
+    """
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return labels != 0
+    return labels
+
+
+def labels_are_hard(labels: ArrayLike, label_smoothing: Any) -> bool:
+    """True when every label is exactly 0 or 1 by its dtype: bool or integer labels and
+    no label smoothing (a static 0)."""
+    dt = _dtype_of(labels)
+    hard_dtype = dt == jnp.bool_ or jnp.issubdtype(dt, jnp.integer)
+    no_smoothing = isinstance(label_smoothing, (int, float)) and label_smoothing == 0
+    return bool(hard_dtype and no_smoothing)
+
+
 def smooth_labels(labels: jax.Array, label_smoothing: Any) -> jax.Array:
     """Keras label smoothing: ``y * (1 - eps) + eps / 2`` (no-op for a static 0)."""
     check_scalar_option(label_smoothing, "label_smoothing")
@@ -188,6 +207,41 @@ def apply_mask(mask: jax.Array | None, *arrays: jax.Array) -> tuple[jax.Array, .
     if mask is None:
         return arrays
     return tuple(jnp.where(mask, a, jnp.zeros((), a.dtype)) for a in arrays)
+
+
+# The first stage of :func:`sum_all` on GPU and TPU: rows of this many elements.
+SUM_ROWS = 512
+
+
+@jax.custom_jvp
+def sum_all(x: jax.Array) -> jax.Array:
+    """``jnp.sum(x)`` over every element, written so that on GPU (and TPU) XLA fuses it
+    with the element-wise work that produces ``x`` into one kernel at the memory limit.
+
+    XLA turns one large sum into a row reduction of ``[16384, 16384]`` elements whose
+    fused side outputs (the gradient) run at about 81% of copy speed on an H100 for
+    float32 logits with one-byte labels. Summing ``[N / 512, 512]`` rows first, then the
+    row sums, runs at 94-97% (benchmarks/formulations.py, docs/performance.md). The
+    optimization barrier keeps XLA from merging the two sums back into one; the JVP is
+    the plain sum, so the barrier never reaches a derivative and the gradient's cotangent
+    stays a broadcast scalar. CPU keeps the single sum (XLA:CPU's reduction fusion wants
+    it), as does any ``N`` that is not a multiple of 512.
+    """
+    if x.size == 0 or x.size % SUM_ROWS:
+        return jnp.sum(x)
+    return jax.lax.platform_dependent(x, cpu=jnp.sum, default=sum_by_rows)
+
+
+def sum_by_rows(x: jax.Array) -> jax.Array:
+    """``sum(x)`` as the sum of the sums of ``[x.size / SUM_ROWS, SUM_ROWS]`` rows, with an
+    optimization barrier between the two (``x.size`` must be a multiple of ``SUM_ROWS``)."""
+    rows = jnp.sum(x.reshape(-1, SUM_ROWS), axis=1)
+    return jnp.sum(jax.lax.optimization_barrier(rows))
+
+
+@sum_all.defjvp
+def _sum_all_jvp(primals, tangents):
+    return sum_all(primals[0]), jnp.sum(tangents[0])
 
 
 def reduce_loss(
@@ -212,17 +266,17 @@ def reduce_loss(
         loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
     if reduction == "none":
         return loss.astype(dtype)
-    total = jnp.sum(loss, axis=axis)
+    total = sum_all(loss) if axis is None else jnp.sum(loss, axis=axis)
     if reduction == "sum":
         return total.astype(dtype)
     if reduction == "mean" or weight is None:
         if mask is None:
             count = loss.size if axis is None else int(np.prod([loss.shape[a] for a in axis]))
             return (total / max(count, 1)).astype(dtype)  # an empty mean is 0, not NaN
-        count = jnp.sum(mask, axis=axis, dtype=loss.dtype)
+        count = mask.astype(loss.dtype)
     else:  # weighted_mean
-        w = weight if mask is None else jnp.where(mask, weight, jnp.zeros((), weight.dtype))
-        count = jnp.sum(w, axis=axis)
+        count = weight if mask is None else jnp.where(mask, weight, jnp.zeros((), weight.dtype))
+    count = sum_all(count) if axis is None else jnp.sum(count, axis=axis)
     safe = jnp.where(count == 0, jnp.ones((), count.dtype), count)
     return (total / safe).astype(dtype)
 
@@ -266,7 +320,7 @@ def prepare(
     check_reduction(reduction)
     weight = check_broadcast(weight, "weight", shape, cdt, target=name)
     mask = make_mask(where, labels, ignore_index, shape, target=name)
-    xc, y = apply_mask(mask, x.astype(cdt), labels.astype(cdt))
+    xc, y = apply_mask(mask, x.astype(cdt), label_values(labels).astype(cdt))
     y = smooth_labels(y, label_smoothing)
     return Prepared(xc, y, weight, mask, axis, dtype, cdt)
 
