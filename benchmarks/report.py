@@ -306,18 +306,28 @@ def plot(run: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def write(run: dict[str, Any], out: str) -> dict[str, str]:
+def write_json(run: dict[str, Any], out: str, name: str) -> str:
+    """Writes ``run`` as JSON (also a run still in progress: ``partial.json``)."""
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1, default=str)
+    return path
+
+
+def write(run: dict[str, Any], out: str) -> dict[str, str]:
+    """Writes the JSON, the Markdown and the plot; removes the run's ``partial.json``."""
+    write_json(run, out, "results.json")
     paths = {
         "json": os.path.join(out, "results.json"),
         "markdown": os.path.join(out, "results.md"),
         "plot": os.path.join(out, "throughput.png"),
     }
-    with open(paths["json"], "w") as f:
-        json.dump(run, f, indent=1, default=str)
     with open(paths["markdown"], "w") as f:
         f.write(markdown(run))
     plot(run, paths["plot"])
     if not os.path.exists(paths["plot"]):  # no sweep in this run, or no matplotlib
         del paths["plot"]
+    if os.path.exists(os.path.join(out, "partial.json")):
+        os.remove(os.path.join(out, "partial.json"))
     return paths
