@@ -212,8 +212,13 @@ def markdown(run: dict[str, Any]) -> str:
         f"flight per sample, {meta.get('pause_ms', 0):g} ms of sleep before each sample; the "
         "JAX functions of a case are sampled interleaved (round-robin)"
         + (
-            ", PyTorch on the CPU in a block of its own (*alone*: its threads keep spinning "
-            "after each call and slow whatever runs next). *% of copy*: time of a copy of the "
+            (
+                ", PyTorch on the CPU in a block of its own (*alone*: its threads keep "
+                "spinning after each call and slow whatever runs next)"
+                if meta["backend"] == "cpu"
+                else ", PyTorch (CUDA) interleaved with them"
+            )
+            + ". *% of copy*: time of a copy of the "
             "same bytes (read logits and labels, write the gradient) over the time of the "
             "loss. *x optax*: optax's median over this one's; in brackets the median of the "
             "per-round ratios (robust to load on the machine)."
