@@ -96,14 +96,13 @@ def _hard_parts(z: jax.Array, y: jax.Array):
 def _loss_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     """The loss for labels known to be 0 or 1 (bool or integer labels; GPU, TPU).
 
-    ``softplus(t) = max(t, 0) + log1p(e)``, with ``log1p(e)`` as ``log(u) + (e - (u - 1)) r``:
-    ``u - 1`` is exact and ``e - (u - 1)`` is the exact rounding error of ``u = 1 + e``, so
-    this is ``log(1 + e)`` to a few ulp, from ``log`` and the ``r`` the gradient needs
-    anyway, cheaper than ``log1p`` on the GPU (docs/performance.md). Infinite logits need no
-    special case: the unused softplus is never formed.
+    ``softplus(t) = max(t, 0) + log1p(e)``. Infinite logits need no special case: the
+    unused softplus is never formed, so there is no 0 * inf to guard against.
+    (``log(u) + (e - (u - 1)) / u`` would be cheaper on the GPU, but XLA's simplifier folds
+    ``(1 + e) - 1`` to ``e`` and with it the correction: tests/test_accuracy.py.)
     """
-    pos, t, e, u, r = _hard_parts(z, y)
-    loss = jnp.maximum(t, 0) + (jnp.log(u) + (e - (u - 1)) * r)
+    pos, t, e, _, _ = _hard_parts(z, y)
+    loss = jnp.maximum(t, 0) + jnp.log1p(e)
     return loss if pw is None else jnp.where(pos, pw * loss, loss)
 
 

@@ -1,5 +1,6 @@
 """Tests of the shared checks and reductions in jaxbce/_common.py."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,208 @@ def test_smooth_labels_static_zero_is_identity_and_traced_value_allowed():
     y = jnp.array([0.0, 1.0])
     assert _common.smooth_labels(y, 0.0) is y
     np.testing.assert_allclose(_common.smooth_labels(y, jnp.float32(0.1)), [0.05, 0.95])
+
+
+# ------------------------------------------------------------------ label handling
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int32])
+def test_label_values_integer_labels_are_nonzero_indicators(dtype):
+    y = jnp.array(
+        [0, 1, 2, 100, -3, -1]
+        if jnp.issubdtype(dtype, jnp.signedinteger)
+        else [0, 1, 2, 100, 255, 0],
+        dtype,
+    )
+    out = _common.label_values(y)
+    assert out.dtype == jnp.bool_
+    np.testing.assert_array_equal(out, np.asarray(y) != 0)
+
+
+def test_label_values_bool_and_float_labels_are_unchanged():
+    b = jnp.array([True, False, True])
+    assert _common.label_values(b) is b
+    f = jnp.array([0.0, 0.3, 1.0, 2.0], jnp.float32)  # soft labels kept, even out of range
+    assert _common.label_values(f) is f
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([True, False]),
+        np.array([0, 1], np.int8),
+        np.array([0, 255], np.uint8),
+        np.array([0, 1], np.int64),
+        jnp.array([0, 1], jnp.int32),
+        [0, 1],
+    ],
+)
+@pytest.mark.parametrize("smoothing", [0, 0.0, np.float64(0.0)])
+def test_labels_are_hard_for_bool_and_integer_labels_without_smoothing(labels, smoothing):
+    assert _common.labels_are_hard(labels, smoothing) is True
+
+
+@pytest.mark.parametrize(
+    "smoothing", [0, 0.0, -0.0, np.float64(0.0), np.float32(0.0), jnp.float32(0.0), 0.1, 1]
+)
+def test_labels_are_hard_only_where_smoothing_is_statically_a_no_op(smoothing):
+    """The hard kernel is chosen only where smooth_labels returns the labels untouched."""
+    y = jnp.array([0, 1, 5], jnp.int8)
+    hard = _common.labels_are_hard(y, smoothing)
+    values = _common.label_values(y).astype(jnp.float32)
+    assert hard is (_common.smooth_labels(values, smoothing) is values)
+
+
+@pytest.mark.parametrize(
+    "labels, smoothing",
+    [
+        (np.array([0.0, 1.0], np.float32), 0.0),  # float labels may be soft
+        (jnp.array([0.0, 1.0], jnp.bfloat16), 0.0),
+        ([0.0, 1.0], 0.0),
+        (np.array([True, False]), 0.1),  # smoothing makes them soft
+        (np.array([0, 1], np.int8), 1.0),
+        (np.array([0, 1], np.int8), jnp.float32(0.0)),  # traced/array smoothing: unknown
+        (np.array([0, 1], np.int8), np.array(0.0)),
+    ],
+)
+def test_labels_are_not_hard_for_float_labels_or_any_smoothing(labels, smoothing):
+    assert _common.labels_are_hard(labels, smoothing) is False
+
+
+def test_labels_are_hard_for_traced_integer_labels():
+    seen = []
+
+    @jax.jit
+    def f(y):
+        seen.append(_common.labels_are_hard(y, 0.0))
+        return y
+
+    f(jnp.array([0, 1], jnp.int8))
+    f(jnp.array([0.0, 1.0]))
+    assert seen == [True, False]
+
+
+# ---------------------------------------------------------------------- sum_all
+
+
+def _random(n, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+
+
+def test_sum_rows_is_512():
+    assert _common.SUM_ROWS == 512
+
+
+def test_sum_by_rows_matches_sum_within_float32_rounding():
+    x = _random(4 * _common.SUM_ROWS)
+    exact = np.sum(x.astype(np.float64))
+    got = float(jax.jit(_common.sum_by_rows)(jnp.asarray(x)))
+    ref = float(jnp.sum(jnp.asarray(x)))
+    # A priori: each of the 2048 additions rounds by at most eps/2 of sum |x|.
+    bound = 2048 * np.finfo(np.float32).eps / 2 * np.sum(np.abs(x.astype(np.float64)))
+    assert abs(got - exact) <= bound and abs(ref - exact) <= bound
+    # Measured on this sample: both within 1e-5 of that bound, 1 ulp of the total apart.
+    ulp = float(np.spacing(np.float32(abs(exact))))
+    assert abs(got - exact) <= 2 * ulp and abs(got - ref) <= 2 * ulp, (got, ref, exact)
+
+
+def test_sum_by_rows_is_exact_where_every_partial_sum_is():
+    x = np.random.default_rng(1).integers(-1000, 1000, 8 * _common.SUM_ROWS).astype(np.float32)
+    np.testing.assert_array_equal(_common.sum_by_rows(jnp.asarray(x)), np.sum(x))
+
+
+def test_sum_by_rows_float64():
+    x = _random(4 * _common.SUM_ROWS, seed=2, dtype=np.float64)
+    with jax.enable_x64(True):
+        got = _common.sum_by_rows(jnp.asarray(x))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(float(got), np.sum(x), rtol=0, atol=1e-12)
+
+
+def test_sum_by_rows_keeps_shape_agnostic_total():
+    x = _random(2 * _common.SUM_ROWS, seed=3).reshape(4, 16, 16)
+    np.testing.assert_allclose(
+        _common.sum_by_rows(jnp.asarray(x)), np.sum(x, dtype=np.float64), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("shape", [(4 * 512,), (2, 3, 256), (1000,), (7, 3), (0,), (3, 0), ()])
+@pytest.mark.parametrize("jit", [False, True])
+def test_sum_all_value(shape, jit):
+    x = _random(int(np.prod(shape)), seed=4).reshape(shape)
+    f = jax.jit(_common.sum_all) if jit else _common.sum_all
+    got = f(jnp.asarray(x))
+    assert got.shape == () and got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), np.sum(x, dtype=np.float64), rtol=2e-6, atol=1e-5)
+
+
+def test_sum_all_of_empty_array_is_zero_with_empty_gradient():
+    x = jnp.zeros((0, 4))
+    np.testing.assert_array_equal(_common.sum_all(x), 0.0)
+    g = jax.grad(_common.sum_all)(x)
+    assert g.shape == (0, 4)
+
+
+@pytest.mark.parametrize("n", [1024, 1000])
+def test_sum_all_gradient_is_all_ones(n):
+    x = jnp.asarray(_random(n, seed=5))
+    for g in (jax.grad(_common.sum_all)(x), jax.jit(jax.grad(_common.sum_all))(x)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        np.testing.assert_array_equal(g, np.ones(n, np.float32))
+
+
+@pytest.mark.parametrize("n", [1024, 1000])
+def test_sum_all_jvp_is_sum_of_tangents(n):
+    x = jnp.asarray(_random(n, seed=6))
+    dx = jnp.asarray(_random(n, seed=7))
+    out, tangent = jax.jvp(_common.sum_all, (x,), (dx,))
+    np.testing.assert_array_equal(out, _common.sum_all(x))
+    np.testing.assert_array_equal(tangent, jnp.sum(dx))
+
+
+def test_sum_all_second_derivatives():
+    x = jnp.asarray(_random(512, seed=8))
+    h = jax.jit(jax.hessian(lambda x: _common.sum_all(x**2)))(x)
+    np.testing.assert_array_equal(h, 2 * np.eye(512, dtype=np.float32))
+    g = jax.grad(lambda x: _common.sum_all(jnp.sin(x)))
+    np.testing.assert_allclose(
+        jax.jvp(g, (x,), (jnp.ones_like(x),))[1], -np.sin(np.asarray(x)), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("n", [1024, 1000])
+def test_sum_all_under_vmap(n):
+    x = _random(3 * n, seed=9).reshape(3, n)
+    want = np.sum(x.astype(np.float64), axis=1)
+    for f in (jax.vmap(_common.sum_all), jax.jit(jax.vmap(_common.sum_all))):
+        np.testing.assert_allclose(f(jnp.asarray(x)), want, rtol=2e-6, atol=1e-5)
+    g = jax.vmap(jax.grad(_common.sum_all))(jnp.asarray(x))
+    np.testing.assert_array_equal(g, np.ones_like(x))
+
+
+def _lowered(fn, x, platform):
+    return jax.jit(fn).trace(x).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_sum_all_lowers_with_an_optimization_barrier_off_cpu(platform):
+    """Lowered for a GPU without one: rows of 512 and a barrier, only at multiples of 512."""
+    assert "optimization_barrier" in _lowered(_common.sum_all, jnp.ones(1024), platform)
+    assert "optimization_barrier" in _lowered(_common.sum_all, jnp.ones((4, 256)), platform)
+    assert "optimization_barrier" not in _lowered(_common.sum_all, jnp.ones(1000), platform)
+    assert "optimization_barrier" not in _lowered(_common.sum_all, jnp.ones(0), platform)
+
+
+@pytest.mark.parametrize("n", [1024, 1000])
+def test_sum_all_lowers_to_a_single_sum_on_cpu(n):
+    text = _lowered(_common.sum_all, jnp.ones(n), "cpu")
+    assert "optimization_barrier" not in text
+    assert text.count("stablehlo.reduce") == 1
+
+
+def test_sum_all_gradient_lowers_without_the_barrier():
+    """The JVP is the plain sum: the barrier never reaches a derivative."""
+    x = jnp.ones(1024)
+    assert "optimization_barrier" not in _lowered(jax.grad(_common.sum_all), x, "cuda")
+    text = _lowered(jax.value_and_grad(_common.sum_all), x, "cuda")
+    assert text.count("optimization_barrier") == 1
