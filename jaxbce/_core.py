@@ -84,13 +84,12 @@ def _hard_parts(z: jax.Array, y: jax.Array):
 
     ``pos = y != 0``; ``t = -z`` for positives and ``z`` for negatives, so that the loss
     is ``softplus(t)``; ``e = exp(-|z|)`` (with the z >= 0 branch at 0, as in
-    :func:`_log1p_exp_neg_abs`); ``u = 1 + e`` rounded and ``r = 1 / u``.
+    :func:`_log1p_exp_neg_abs`); ``r = 1 / (1 + e)``.
     """
     pos = y != 0
     t = jnp.where(pos, -z, z)
     e = jnp.exp(jnp.where(z >= 0, -z, z))
-    u = 1 + e
-    return pos, t, e, u, 1 / u
+    return pos, t, e, 1 / (1 + e)
 
 
 def _loss_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
@@ -101,14 +100,14 @@ def _loss_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     (``log(u) + (e - (u - 1)) / u`` would be cheaper on the GPU, but XLA's simplifier folds
     ``(1 + e) - 1`` to ``e`` and with it the correction: tests/test_accuracy.py.)
     """
-    pos, t, e, _, _ = _hard_parts(z, y)
+    pos, t, e, _ = _hard_parts(z, y)
     loss = jnp.maximum(t, 0) + jnp.log1p(e)
     return loss if pw is None else jnp.where(pos, pw * loss, loss)
 
 
 def _grad_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     """``sigmoid(z)`` for negatives, ``-pw sigmoid(-z)`` for positives: ``+-sigmoid(t)``."""
-    pos, t, e, _, r = _hard_parts(z, y)
+    pos, t, e, r = _hard_parts(z, y)
     s = jnp.where(t >= 0, r, e * r)  # sigmoid(t), no cancellation
     return jnp.where(pos, -(s if pw is None else pw * s), s)
 
