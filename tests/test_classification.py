@@ -451,3 +451,23 @@ def test_property_finite_nonnegative_and_matches_reference(z, data):
     assert np.isfinite(loss) and loss >= 0 and np.all(np.isfinite(g))
     # atol: XLA on CPU flushes subnormal results (below 1.18e-38) to zero
     np.testing.assert_allclose(loss, ref_bce(z, y, w=w, reduction="sum"), rtol=1e-5, atol=1e-37)
+
+
+@pytest.mark.parametrize(
+    "dtype, labels, log1p",
+    [
+        (jnp.float32, jnp.bool_, True),
+        (jnp.float32, jnp.float32, True),
+        (jnp.bfloat16, jnp.bool_, False),
+        (jnp.bfloat16, jnp.int8, False),
+        (jnp.float16, jnp.float32, False),
+    ],
+)
+def test_gpu_lowering_uses_xla_log1p_only_for_32_bit_logits(dtype, labels, log1p):
+    """Lowered for a GPU (none needed): 16-bit logits take the polynomial log1p."""
+    z = jax.ShapeDtypeStruct((4096,), dtype)
+    y = jax.ShapeDtypeStruct((4096,), labels)
+    f = jax.value_and_grad(lambda z, y: jaxbce.binary_cross_entropy_with_logits(z, y))
+    text = jax.jit(f).trace(z, y).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("log_plus_one" in text) == log1p
+    assert "optimization_barrier" in text

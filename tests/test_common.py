@@ -1,5 +1,7 @@
 """Tests of the shared checks and reductions in jaxbce/_common.py."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,8 +152,12 @@ def _random(n, seed=0, dtype=np.float32):
     return np.random.default_rng(seed).standard_normal(n).astype(dtype)
 
 
-def test_sum_rows_is_512():
-    assert _common.SUM_ROWS == 512
+@pytest.mark.parametrize(
+    "dtype, rows",
+    [(jnp.float32, 1024), (jnp.float64, 1024), (jnp.bfloat16, 4096), (jnp.float16, 4096)],
+)
+def test_sum_rows_by_logits_dtype(dtype, rows):
+    assert _common.sum_rows_for(dtype) == rows
 
 
 def test_sum_by_rows_matches_sum_within_float32_rounding():
@@ -159,8 +165,8 @@ def test_sum_by_rows_matches_sum_within_float32_rounding():
     exact = np.sum(x.astype(np.float64))
     got = float(jax.jit(_common.sum_by_rows)(jnp.asarray(x)))
     ref = float(jnp.sum(jnp.asarray(x)))
-    # A priori: each of the 2048 additions rounds by at most eps/2 of sum |x|.
-    bound = 2048 * np.finfo(np.float32).eps / 2 * np.sum(np.abs(x.astype(np.float64)))
+    # A priori: each of the n - 1 additions rounds by at most eps/2 of sum |x|.
+    bound = (x.size - 1) * np.finfo(np.float32).eps / 2 * np.sum(np.abs(x.astype(np.float64)))
     assert abs(got - exact) <= bound and abs(ref - exact) <= bound
     # Measured on this sample: both within 1e-5 of that bound, 1 ulp of the total apart.
     ulp = float(np.spacing(np.float32(abs(exact))))
@@ -181,13 +187,22 @@ def test_sum_by_rows_float64():
 
 
 def test_sum_by_rows_keeps_shape_agnostic_total():
-    x = _random(2 * _common.SUM_ROWS, seed=3).reshape(4, 16, 16)
+    x = _random(2 * _common.SUM_ROWS, seed=3).reshape(8, 16, 16)
     np.testing.assert_allclose(
         _common.sum_by_rows(jnp.asarray(x)), np.sum(x, dtype=np.float64), rtol=1e-6
     )
 
 
-@pytest.mark.parametrize("shape", [(4 * 512,), (2, 3, 256), (1000,), (7, 3), (0,), (3, 0), ()])
+@pytest.mark.parametrize("rows", [512, 1024, 4096])
+def test_sum_by_rows_of_any_length(rows):
+    x = _random(3 * rows, seed=10)
+    got = _common.sum_by_rows(jnp.asarray(x), rows)
+    np.testing.assert_allclose(float(got), np.sum(x, dtype=np.float64), rtol=2e-6, atol=1e-5)
+    got = jax.jit(_common.sum_all, static_argnums=1)(jnp.asarray(x), rows)
+    np.testing.assert_allclose(float(got), np.sum(x, dtype=np.float64), rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4 * 1024,), (2, 6, 256), (1000,), (7, 3), (0,), (3, 0), ()])
 @pytest.mark.parametrize("jit", [False, True])
 def test_sum_all_value(shape, jit):
     x = _random(int(np.prod(shape)), seed=4).reshape(shape)
@@ -247,11 +262,15 @@ def _lowered(fn, x, platform):
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
 def test_sum_all_lowers_with_an_optimization_barrier_off_cpu(platform):
-    """Lowered for a GPU without one: rows of 512 and a barrier, only at multiples of 512."""
+    """Lowered for a GPU without one: rows and a barrier, only at multiples of the rows."""
     assert "optimization_barrier" in _lowered(_common.sum_all, jnp.ones(1024), platform)
     assert "optimization_barrier" in _lowered(_common.sum_all, jnp.ones((4, 256)), platform)
     assert "optimization_barrier" not in _lowered(_common.sum_all, jnp.ones(1000), platform)
+    assert "optimization_barrier" not in _lowered(_common.sum_all, jnp.ones(512), platform)
     assert "optimization_barrier" not in _lowered(_common.sum_all, jnp.ones(0), platform)
+    narrow = functools.partial(_common.sum_all, rows=4096)
+    assert "optimization_barrier" in _lowered(narrow, jnp.ones(8192), platform)
+    assert "optimization_barrier" not in _lowered(narrow, jnp.ones(2048), platform)
 
 
 @pytest.mark.parametrize("n", [1024, 1000])

@@ -115,3 +115,35 @@ def test_bce_on_probs_rule():
         rtol=5e-2,
         atol=5e-2,
     )
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_kernel_for_picks_by_labels_and_logits_width(hard, narrow):
+    want = {
+        (False, False): _core.bce_with_logits,
+        (True, False): _core.bce_with_logits_hard,
+        (False, True): _core.bce_with_logits_narrow,
+        (True, True): _core.bce_with_logits_hard_narrow,
+    }[hard, narrow]
+    assert _core.kernel_for(hard, narrow) is want
+
+
+@pytest.mark.parametrize(
+    "kernel", [_core.bce_with_logits_narrow, _core.bce_with_logits_hard_narrow]
+)
+def test_narrow_kernels_match_the_float32_ones_on_cpu(kernel):
+    """On CPU every kernel is the CPU formulation: identical values and derivatives."""
+    z = jnp.asarray(np.random.default_rng(3).normal(0, 4, 256).astype(np.float32))
+    y = jnp.asarray((np.arange(256) % 3 == 0).astype(np.float32))
+    ref = _core.bce_with_logits_hard if kernel is _core.bce_with_logits_hard_narrow else None
+    ref = ref or _core.bce_with_logits
+    for pw in (None, jnp.full(256, 2.5)):
+        f = jax.jit(
+            jax.value_and_grad(lambda z, k, pw=pw: jnp.sum(k(z, y, pw)), argnums=0),
+            static_argnums=1,
+        )
+        v, g = f(z, kernel)
+        v0, g0 = f(z, ref)
+        np.testing.assert_array_equal(v, v0)
+        np.testing.assert_array_equal(g, g0)
