@@ -7,17 +7,25 @@ side, each checked against jaxbce's own result and its compiled HLO saved.
 Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise):
 
 - ``current``: ``jaxbce.binary_cross_entropy_with_logits`` as shipped.
-- ``rowsR``: jaxbce's element-wise kernel summed in two stages (``_two_stage_sum``):
-  the flattened ``[N]`` viewed as ``[N / R, R]``, rows summed first, then the row sums.
-  ``colsC``: the same over ``[N / C, C]``, columns first.
+- ``gen-L-R`` (float labels) and ``hard-L-R`` (bool/int labels): jaxbce's GPU kernel for
+  those labels with ``log1p`` from XLA (``L = xla``) or jaxbce's polynomial (``poly``,
+  ``_core._log1p_unit``), summed over rows of ``R`` elements, then the row sums.
+- ``lean-V-R`` (bool/int labels): the hard kernel with fewer instructions: ``p9`` the
+  polynomial, ``sign`` the label's sign folded into the cotangent, ``rsq`` ``1/(1+e)``
+  from ``rsqrt`` and a Newton step, and their combinations.
 - ``grad-only``: only the gradient (the loss value discarded, so XLA drops it): the
-  element-wise part alone, in a loop fusion.
+  element-wise part alone, in a loop fusion. ``nomath-512``: the reduction with the
+  gradient as a side output and almost no math.
 - ``copy``: the bytes of value_and_grad with no math (read logits and labels, write an
   array of the logits' dtype): the limit. ``peak-f32``: a float32 copy of N elements
   (8 B/element), the device's bandwidth.
 
+``--accuracy`` measures each kernel's ulp error on this device against float64;
+``--only REGEX`` restricts the variants. (In ``results/gpu/formulations/run5-*.log``,
+``poly`` was a 12-multiply-add polynomial, 1.31 ulp, and ``p9`` today's ``poly``.)
+
 Writes ``formulations.json`` and ``hlo.tar.gz`` (every variant's optimized HLO) to
-``--out``; the XLA dump (PTX) goes wherever ``XLA_FLAGS=--xla_dump_to`` says.
+``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import tarfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,8 +49,7 @@ import jaxbce  # noqa: E402
 from benchmarks import bench, hlo, impls  # noqa: E402
 from jaxbce import _core  # noqa: E402
 
-ROWS = (512, 1024, 2048, 4096, 8192)
-COLS = (256, 1024, 4096)
+ROWS = (512, 1024, 4096)
 
 
 def _two_stage_sum(split: str, size: int):
@@ -63,83 +71,188 @@ def _two_stage_sum(split: str, size: int):
     return total
 
 
-def _elementwise(z: jax.Array, y: jax.Array) -> jax.Array:
-    """jaxbce's element-wise kernel in float32, as the public function calls it."""
-    return _core.bce_with_logits(z.astype(jnp.float32), y.astype(jnp.float32), None)
+def _gpu_kernel(loss, grad, log1p):
+    """jaxbce's GPU kernel ``loss``/``grad`` (``_core._loss_fused``/``_grad_fused`` for
+    float labels, ``_loss_hard``/``_grad_hard`` for bool/int ones) with the given
+    ``log1p`` (``jnp.log1p``: XLA's library call; ``_core._log1p_unit``: jaxbce's)."""
 
-
-def _hard_parts(z: jax.Array, pos: jax.Array):
-    """For hard labels: ``t`` (the loss is softplus(t)), ``e = exp(-|z|)``, ``r = 1/(1+e)``."""
-    t = jnp.where(pos, -z, z)
-    e = jnp.exp(jnp.where(z >= 0, -z, z))
-    return t, e, 1 / (1 + e)
-
-
-def _hard_loss(z, pos, log1p="log1p"):
-    t, e, r = _hard_parts(z, pos)
-    if log1p == "log1p":
-        lg = jnp.log1p(e)
-    else:  # log(u) corrected by the rounding error of u = 1 + e, sharing r = 1/u
-        u = 1 + e
-        lg = jnp.log(u) + (e - (u - 1)) * r
-    return jnp.maximum(t, 0) + lg
-
-
-def _hard_grad(z, pos):
-    t, e, r = _hard_parts(z, pos)
-    s = jnp.where(t >= 0, r, e * r)  # sigmoid(t)
-    return jnp.where(pos, -s, s)
-
-
-def _make_hard(log1p: str):
     @jax.custom_jvp
-    def hard(z, pos):
-        return _hard_loss(z, pos, log1p)
+    def kernel(z, y):
+        return loss(z, y, None, log1p)
+
+    @kernel.defjvp
+    def _kernel_jvp(primals, tangents):
+        z, y = primals
+        return kernel(z, y), grad(z, y, None) * tangents[0]
+
+    return kernel
+
+
+def _general(log1p):
+    return _gpu_kernel(_core._loss_fused, _core._grad_fused, log1p)
+
+
+def _hard(log1p):
+    return _gpu_kernel(_core._loss_hard, _core._grad_hard, log1p)
+
+
+def _recip_rsqrt(u):
+    """1/u for u in [1, 2]: rsqrt(u)**2 (one special-function op) and a Newton step."""
+    r0 = jax.lax.rsqrt(u)
+    r0 = r0 * r0
+    return r0 + r0 * (1 - u * r0)
+
+
+def _hard_lean(log1p=_core._log1p_unit, sign=False, rsq=False):
+    """The hard kernel with fewer instructions: ``sign`` folds the label's sign into the
+    tangent and writes the loss with one select; ``rsq`` takes 1/(1+e) from rsqrt."""
+
+    def parts(z, y):
+        pos = y != 0
+        a = jnp.abs(z)
+        e = jnp.exp(_core._neg_abs(z))
+        u = 1 + e
+        r = _recip_rsqrt(u) if rsq else 1 / u
+        wrong = pos != (z >= 0)  # the label's side of zero is the wrong one
+        return pos, a, e, r, wrong
+
+    @jax.custom_jvp
+    def hard(z, y):
+        pos, a, e, r, wrong = parts(z, y)
+        if sign:
+            return jnp.where(wrong, a, 0.0) + log1p(e)
+        t = jnp.where(pos, -z, z)
+        return jnp.maximum(t, 0) + log1p(e)
 
     @hard.defjvp
-    def _hard_jvp(primals, tangents):
-        z, pos = primals
-        return hard(z, pos), _hard_grad(z, pos) * tangents[0]
+    def _jvp(primals, tangents):
+        z, y = primals
+        pos, a, e, r, wrong = parts(z, y)
+        dz = tangents[0]
+        if sign:
+            s = jnp.where(wrong, r, e * r)
+            return hard(z, y), s * jnp.where(pos, -dz, dz)
+        t = jnp.where(pos, -z, z)
+        s = jnp.where(t >= 0, r, e * r)
+        return hard(z, y), jnp.where(pos, -s, s) * dz
 
     return hard
 
 
-def variants() -> dict:
-    """name -> function of (logits, labels); each jitted function is named probe_<name>."""
+LEAN = {
+    "p9": dict(log1p=_core._log1p_unit),
+    "sign": dict(sign=True),
+    "rsq": dict(rsq=True),
+    "p9-sign-rsq": dict(log1p=_core._log1p_unit, sign=True, rsq=True),
+    "sign-rsq": dict(sign=True, rsq=True),
+}
+
+
+LOG1P = {"xla": jnp.log1p, "poly": _core._log1p_unit}
+
+
+def variants(labels: str = "bool") -> dict:
+    """name -> function of (logits, labels); each jitted function is named probe_<name>.
+
+    Float labels get the general kernel, bool/int labels the hard one (as the public
+    function chooses), each with XLA's ``log1p`` and with jaxbce's polynomial, each summed
+    over rows of several sizes."""
 
     def current(z, y):
         return jaxbce.binary_cross_entropy_with_logits(z, y)
 
     out = {"current": jax.value_and_grad(current)}
-    general512 = _two_stage_sum("rows", 512)
-    out["rows512"] = jax.value_and_grad(
-        lambda z, y: (general512(_elementwise(z, y)) / z.size).astype(z.dtype)
+    hard_labels = labels != "f32"
+    kind = "hard" if hard_labels else "gen"
+    for name, log1p in LOG1P.items():
+        kernel = (_hard if hard_labels else _general)(log1p)
+        for size in ROWS:
+            total = _two_stage_sum("rows", size)
+
+            def f(z, y, total=total, kernel=kernel):
+                yy = y if hard_labels else y.astype(jnp.float32)
+                return (total(kernel(z.astype(jnp.float32), yy)) / z.size).astype(z.dtype)
+
+            out[f"{kind}-{name}-{size}"] = jax.value_and_grad(f)
+    if hard_labels:
+        for name, kw in LEAN.items():
+            kernel = _hard_lean(**kw)
+            for size in (512, 4096):
+                total = _two_stage_sum("rows", size)
+
+                def h(z, y, total=total, kernel=kernel):
+                    return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
+
+                out[f"lean-{name}-{size}"] = jax.value_and_grad(h)
+    kernel = (_hard if hard_labels else _general)(LOG1P["poly"])
+    out["grad-only"] = jax.grad(
+        lambda z, y: (
+            jnp.sum(kernel(z.astype(jnp.float32), y if hard_labels else y.astype(jnp.float32)))
+            / z.size
+        ).astype(z.dtype)
     )
-    for log1p in ("log1p", "logcorr"):
-        hard = _make_hard(log1p)
-        for size in (None, 512, 1024, 4096):
-            total = jnp.sum if size is None else _two_stage_sum("rows", size)
+    total = _two_stage_sum("rows", 512)  # the reduction and its side output, almost no math
 
-            def f(z, y, total=total, hard=hard):
-                return (total(hard(z.astype(jnp.float32), y != 0)) / z.size).astype(z.dtype)
+    def g(z, y):
+        zf = z.astype(jnp.float32)
+        return (total(zf * zf * y.astype(jnp.float32)) / z.size).astype(z.dtype)
 
-            out[f"hard-{log1p}-{size or 'one'}"] = jax.value_and_grad(f)
-    hard = _make_hard("log1p")
-    out["hard-grad-only"] = jax.grad(
-        lambda z, y: (jnp.sum(hard(z.astype(jnp.float32), y != 0)) / z.size).astype(z.dtype)
-    )
-    for size in (None, 1024):  # the reduction and its side output with almost no math
-        total = jnp.sum if size is None else _two_stage_sum("rows", size)
-
-        def g(z, y, total=total):
-            zf = z.astype(jnp.float32)
-            return (total(zf * zf * y.astype(jnp.float32)) / z.size).astype(z.dtype)
-
-        out[f"nomath-{size or 'one'}"] = jax.value_and_grad(g)
+    out["nomath-512"] = jax.value_and_grad(g)
     out["copy"] = lambda z, y: z + y.astype(z.dtype)
     for name, fn in out.items():
         out[name] = functools.wraps(fn)(lambda *a, fn=fn: fn(*a))
         out[name].__name__ = "probe_" + name.replace("-", "_")
+    return out
+
+
+def accuracy(n: int = 1 << 20, seed: int = 0) -> dict:
+    """Largest error in float32 ulp (normal range) of each kernel's element-wise loss and
+    gradient on this device, against float64 (numpy) on the host. Logits log-uniform in
+    +-[1e-6, 90]; labels 0/1 for the hard kernel, 0, 1, 0.3 and 0.999 for the general one."""
+    rng = np.random.default_rng(seed)
+    z = np.exp(rng.uniform(np.log(1e-6), np.log(90.0), n)) * rng.choice([-1.0, 1.0], n)
+    z = z.astype(np.float32)
+    zd = z.astype(np.float64)
+
+    def softplus(x):
+        return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+
+    def sigmoid(x):
+        return np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x)))
+
+    def ulps(got, true):
+        got = np.asarray(got, np.float64)
+        ok = np.abs(true) >= np.finfo(np.float32).tiny
+        err = np.abs(got - true) / np.spacing(np.abs(true).astype(np.float32)).astype(np.float64)
+        return float(err[ok].max())
+
+    out = {}
+    for label in (0.0, 1.0, 0.3, 0.999):
+        y = np.full(n, label, np.float32)
+        yd = y.astype(np.float64)
+        loss_true = (1 - yd) * softplus(zd) + yd * softplus(-zd)
+        grad_true = (1 - yd) * sigmoid(zd) - yd * sigmoid(-zd)
+        kernels = {f"gen-{k}": _general(f) for k, f in LOG1P.items()}
+        if label in (0.0, 1.0):
+            kernels |= {f"hard-{k}": _hard(f) for k, f in LOG1P.items()}
+            kernels |= {f"lean-{k}": _hard_lean(**kw) for k, kw in LEAN.items()}
+        for name, kernel in kernels.items():
+            yy = jnp.asarray(y != 0) if name.startswith("hard") else jnp.asarray(y)
+            loss, grad = jax.jit(
+                lambda z, y, kernel=kernel: jax.jvp(
+                    lambda z: kernel(z, y), (z,), (jnp.ones_like(z),)
+                )
+            )(jnp.asarray(z), yy)
+            scale = (1 - yd) * sigmoid(zd) + yd * sigmoid(-zd)  # the terms' size (soft labels)
+            grad_err = np.abs(np.asarray(grad, np.float64) - grad_true) / (
+                np.spacing(scale.astype(np.float32)).astype(np.float64)
+            )
+            grad_err = grad_err[scale >= np.finfo(np.float32).tiny]
+            out[f"{name} y={label}"] = {
+                "loss_max_ulp": ulps(loss, loss_true),
+                "grad_max_ulp_of_terms": float(grad_err.max()),
+            }
+            print(f"  accuracy {name:10s} y={label}: {out[f'{name} y={label}']}", flush=True)
     return out
 
 
@@ -150,6 +263,8 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--out", default="formulations")
     parser.add_argument("--dtypes", default=None, help="e.g. bf16/bool,f32/f32")
+    parser.add_argument("--only", default=None, help="regex: the variants to run")
+    parser.add_argument("--accuracy", action="store_true", help="ulp errors of the kernels")
     args = parser.parse_args()
     n = 1 << args.log2n
     os.makedirs(args.out, exist_ok=True)
@@ -173,12 +288,16 @@ def main() -> None:
     results["peak_f32_copy"] = {"ms": peak_ms, "bytes_per_s": 8 * n / (peak_ms / 1e3)}
     print(f"peak f32 copy: {peak_ms:.3f} ms, {8 * n / peak_ms / 1e9:.2f} TB/s", flush=True)
     del x32
+    if args.accuracy:
+        results["accuracy"] = accuracy()
 
     for logits, labels in pairs:
         host = impls.host_inputs(n, logits, labels)
         z, y = jax.device_put(host["z"]), jax.device_put(host["y"])
         runners, info, outs = {}, {}, {}
-        for name, fn in variants().items():
+        for name, fn in variants(labels).items():
+            if args.only and name not in ("current", "copy") and not re.search(args.only, name):
+                continue
             named = jax.jit(fn).lower(z, y)
             compiled = named.compile()
             text = compiled.as_text()

@@ -209,22 +209,31 @@ class TestDerivatives:
 
 class TestNoDenseLabels:
     def test_compiled_value_and_grad_moves_only_logits_and_gradient(self):
-        """In the compiled value_and_grad of the mean, the only [B, C] arrays are the
-        logits, the gradient's fusion and the scatter that patches it in place: no
-        integer, bool or float label array, no broadcast constant."""
+        """In the compiled value_and_grad of the mean, every [B, C] array is float32 (no
+        integer, bool or float label array) and there is no [B, C] temporary beyond the
+        gradient on CPU: XLA:CPU keeps the logits, one fusion for the gradient and the
+        scatter that patches it in place."""
         b, c, k = 64, 1000, 8
         f = jax.jit(jax.value_and_grad(lambda z, i: sparse_bce(z, i)))
-        hlo = f.lower(jnp.zeros((b, c)), jnp.zeros((b, k), jnp.int32)).compile().as_text()
+        compiled = f.lower(jnp.zeros((b, c)), jnp.zeros((b, k), jnp.int32)).compile()
+        hlo = compiled.as_text()
         entry = hlo[hlo.index("ENTRY") :].splitlines()
         # instructions of the entry computation whose result is [B, C] (what is
         # materialised in memory; temporaries inside a fusion are not)
         big = [ln for ln in entry if re.search(rf"= \w+\[{b},{c}\]", ln)]
         assert all(re.search(rf"= f32\[{b},{c}\]", ln) for ln in big), big
-        kinds = sorted(
-            "param" if "parameter(" in ln else "scatter" if "scatter" in ln else "fusion"
-            for ln in big
-        )
-        assert kinds == ["fusion", "param", "scatter"], big
+        if jax.default_backend() == "cpu":
+            kinds = sorted(
+                "param" if "parameter(" in ln else "scatter" if "scatter" in ln else "fusion"
+                for ln in big
+            )
+            assert kinds == ["fusion", "param", "scatter"], big
+        # Temporaries: none of [B, C] on CPU. On an H100 (jax 0.11.2) XLA keeps one
+        # [B, C] float32 temporary (256,784 B here) that the scatter patches before it
+        # reaches the output: still no label array, but not in place (docs/performance.md).
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        arrays = 1 if jax.default_backend() == "cpu" else 2
+        assert temp < arrays * b * c * 4, temp
 
 
 class TestErrors:
