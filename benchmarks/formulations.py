@@ -10,9 +10,9 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
 - ``gen-L-R`` (float labels) and ``hard-L-R`` (bool/int labels): jaxbce's GPU kernel for
   those labels with ``log1p`` from XLA (``L = xla``) or jaxbce's polynomial (``poly``,
   ``_core._log1p_unit``), summed over rows of ``R`` elements, then the row sums.
-- ``lean-V-R`` (bool/int labels): the hard kernel with fewer instructions: ``p9`` the
-  polynomial, ``sign`` the label's sign folded into the cotangent, ``rsq`` ``1/(1+e)``
-  from ``rsqrt`` and a Newton step, and their combinations.
+- ``lean-V-R`` (bool/int labels): the hard kernel with the polynomial and its gradient
+  written differently: ``sign`` the label's sign folded into the cotangent, ``rsq``
+  ``1/(1+e)`` from ``rsqrt`` and a Newton step, and both.
 - ``grad-only``: only the gradient (the loss value discarded, so XLA drops it): the
   element-wise part alone, in a loop fusion. ``nomath-512``: the reduction with the
   gradient as a side output and almost no math.
@@ -22,7 +22,8 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
 
 ``--accuracy`` measures each kernel's ulp error on this device against float64;
 ``--only REGEX`` restricts the variants. (In ``results/gpu/formulations/run5-*.log``,
-``poly`` was a 12-multiply-add polynomial, 1.31 ulp, and ``p9`` today's ``poly``.)
+``poly`` was a 12-multiply-add polynomial, 1.31 ulp, ``p9`` today's ``poly``, and the
+``lean`` variants still had the two-select loss of the hard kernel.)
 
 Writes ``formulations.json`` and ``hlo.tar.gz`` (every variant's optimized HLO) to
 ``--out``.
@@ -47,28 +48,14 @@ import numpy as np  # noqa: E402
 
 import jaxbce  # noqa: E402
 from benchmarks import bench, hlo, impls  # noqa: E402
-from jaxbce import _core  # noqa: E402
+from jaxbce import _common, _core  # noqa: E402
 
 ROWS = (512, 1024, 4096)
 
 
-def _two_stage_sum(split: str, size: int):
-    """``sum(x)`` over every element, in two reductions that XLA may not merge: over
-    ``[N / size, size]`` rows (``split="rows"``) or columns (``"cols"``) first, an
-    optimization barrier on the partial sums, then their sum. A custom_jvp whose tangent
-    is the plain sum keeps the barrier out of the derivatives (the cotangent of the sum
-    is a scalar broadcast that fuses into the gradient)."""
-
-    @jax.custom_jvp
-    def total(x):
-        part = jnp.sum(x.reshape(-1, size), axis=1 if split == "rows" else 0)
-        return jnp.sum(jax.lax.optimization_barrier(part))
-
-    @total.defjvp
-    def _total_jvp(primals, tangents):
-        return total(primals[0]), jnp.sum(tangents[0])
-
-    return total
+def _rows_sum(size: int):
+    """jaxbce's two-stage sum (``_common.sum_all``) over rows of ``size`` elements."""
+    return functools.partial(_common.sum_all, rows=size)
 
 
 def _gpu_kernel(loss, grad, log1p):
@@ -103,49 +90,30 @@ def _recip_rsqrt(u):
     return r0 + r0 * (1 - u * r0)
 
 
-def _hard_lean(log1p=_core._log1p_unit, sign=False, rsq=False):
-    """The hard kernel with fewer instructions: ``sign`` folds the label's sign into the
-    tangent and writes the loss with one select; ``rsq`` takes 1/(1+e) from rsqrt."""
-
-    def parts(z, y):
-        pos = y != 0
-        a = jnp.abs(z)
-        e = jnp.exp(_core._neg_abs(z))
-        u = 1 + e
-        r = _recip_rsqrt(u) if rsq else 1 / u
-        wrong = pos != (z >= 0)  # the label's side of zero is the wrong one
-        return pos, a, e, r, wrong
+def _hard_lean(sign=False, rsq=False):
+    """jaxbce's kernel for 16-bit logits and hard labels with its gradient written
+    differently: ``sign`` folds the label's sign into the cotangent (``s * where(pos,
+    -dz, dz)`` rather than ``where(pos, -s, s) * dz``); ``rsq`` takes ``1/(1+e)`` from
+    rsqrt and a Newton step."""
 
     @jax.custom_jvp
     def hard(z, y):
-        pos, a, e, r, wrong = parts(z, y)
-        if sign:
-            return jnp.where(wrong, a, 0.0) + log1p(e)
-        t = jnp.where(pos, -z, z)
-        return jnp.maximum(t, 0) + log1p(e)
+        return _core._loss_hard(z, y, None, _core._log1p_unit)
 
     @hard.defjvp
     def _jvp(primals, tangents):
         z, y = primals
-        pos, a, e, r, wrong = parts(z, y)
+        pos, wrong, e, r = _core._hard_parts(z, y)
+        if rsq:
+            r = _recip_rsqrt(1 + e)
+        s = jnp.where(wrong, r, e * r)  # sigmoid(t)
         dz = tangents[0]
-        if sign:
-            s = jnp.where(wrong, r, e * r)
-            return hard(z, y), s * jnp.where(pos, -dz, dz)
-        t = jnp.where(pos, -z, z)
-        s = jnp.where(t >= 0, r, e * r)
-        return hard(z, y), jnp.where(pos, -s, s) * dz
+        return hard(z, y), (s * jnp.where(pos, -dz, dz) if sign else jnp.where(pos, -s, s) * dz)
 
     return hard
 
 
-LEAN = {
-    "p9": dict(log1p=_core._log1p_unit),
-    "sign": dict(sign=True),
-    "rsq": dict(rsq=True),
-    "p9-sign-rsq": dict(log1p=_core._log1p_unit, sign=True, rsq=True),
-    "sign-rsq": dict(sign=True, rsq=True),
-}
+LEAN = {"sign": dict(sign=True), "rsq": dict(rsq=True), "sign-rsq": dict(sign=True, rsq=True)}
 
 
 LOG1P = {"xla": jnp.log1p, "poly": _core._log1p_unit}
@@ -167,7 +135,7 @@ def variants(labels: str = "bool") -> dict:
     for name, log1p in LOG1P.items():
         kernel = (_hard if hard_labels else _general)(log1p)
         for size in ROWS:
-            total = _two_stage_sum("rows", size)
+            total = _rows_sum(size)
 
             def f(z, y, total=total, kernel=kernel):
                 yy = y if hard_labels else y.astype(jnp.float32)
@@ -178,7 +146,7 @@ def variants(labels: str = "bool") -> dict:
         for name, kw in LEAN.items():
             kernel = _hard_lean(**kw)
             for size in (512, 4096):
-                total = _two_stage_sum("rows", size)
+                total = _rows_sum(size)
 
                 def h(z, y, total=total, kernel=kernel):
                     return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
@@ -191,7 +159,7 @@ def variants(labels: str = "bool") -> dict:
             / z.size
         ).astype(z.dtype)
     )
-    total = _two_stage_sum("rows", 512)  # the reduction and its side output, almost no math
+    total = _rows_sum(512)  # the reduction and its side output, almost no math
 
     def g(z, y):
         zf = z.astype(jnp.float32)

@@ -105,7 +105,7 @@ def binary_cross_entropy_with_logits(
     )
     pos_weight = _common.check_broadcast(pos_weight, "pos_weight", p.x.shape, p.compute_dtype)
     hard = _common.labels_are_hard(labels, label_smoothing)
-    kernel = _core.kernel_for(hard, narrow=jnp.dtype(p.dtype).itemsize <= 2)
+    kernel = _core.kernel_for(hard, narrow=_common.is_narrow(p.dtype))
     return _common.finish(kernel(p.x, p.y, pos_weight), p, reduction)
 
 

@@ -158,6 +158,7 @@ def _random(n, seed=0, dtype=np.float32):
 )
 def test_sum_rows_by_logits_dtype(dtype, rows):
     assert _common.sum_rows_for(dtype) == rows
+    assert _common.is_narrow(dtype) == (rows == _common.SUM_ROWS_NARROW)
 
 
 def test_sum_by_rows_matches_sum_within_float32_rounding():
