@@ -211,9 +211,11 @@ def apply_mask(mask: jax.Array | None, *arrays: jax.Array) -> tuple[jax.Array, .
 
 
 # The first stage of :func:`sum_all` on GPU and TPU sums rows of this many elements:
-# measured fastest on an H100 (XLA 0.11.2) for 32-bit logits and for 16-bit ones.
+# measured fastest on an H100 (XLA 0.11.2) for 32-bit logits and for 16-bit ones. With
+# 512 one warp sums a row (no barrier between a block's warps), which the 16-bit logits'
+# kernel, bound by latency, needs; rows of 256 take another, far slower, XLA strategy.
 SUM_ROWS = 1024
-SUM_ROWS_NARROW = 4096
+SUM_ROWS_NARROW = 512
 
 
 def is_narrow(dtype: Any) -> bool:

@@ -55,6 +55,27 @@ def _log1p_unit(x: jax.Array) -> jax.Array:
     return x + (x * x) * q
 
 
+def _recip(u: jax.Array) -> jax.Array:
+    """``1 / u``: a division (within 2 float32 ulp on a GPU)."""
+    return 1 / u
+
+
+def _recip_unit(u: jax.Array) -> jax.Array:
+    r"""``1 / u`` for u in [1, 2] as ``rsqrt(u)**2``, for the kernels of 16-bit logits.
+
+    On a GPU ``rsqrt`` is one special-function instruction (and a range check), where a
+    division takes about seven; the result is within 3.5 float32 ulp, and the kernels'
+    gradients within 5.5 (3.5 with the division), measured on an H100. Those gradients
+    are rounded to 8 or 11 bits: over every finite bfloat16 logit the rounded gradient
+    is the correctly rounded one, as with the division (tests/test_accuracy.py,
+    benchmarks/formulations.py). Float64 (anything but float32) divides.
+    """
+    if u.dtype != jnp.float32:
+        return 1 / u
+    r = jax.lax.rsqrt(u)
+    return r * r
+
+
 @jax.custom_jvp
 def _neg_abs(z: jax.Array) -> jax.Array:
     """``-|z|``, whose derivative at z = 0 is -1 (the z >= 0 side) rather than 0.
@@ -85,9 +106,9 @@ def _log1p_exp_neg_abs(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return e, jnp.log1p(e)
 
 
-def _sigmoids(z: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _sigmoids(z: jax.Array, e: jax.Array, recip=_recip) -> tuple[jax.Array, jax.Array]:
     """``sigmoid(z)`` and ``sigmoid(-z)`` from one shared ``e = exp(-|z|)``, no cancellation."""
-    r = 1 / (1 + e)  # sigmoid(|z|)
+    r = recip(1 + e)  # sigmoid(|z|)
     er = e * r  # sigmoid(-|z|), exact to rounding even where it is tiny
     pos = z >= 0
     return jnp.where(pos, r, er), jnp.where(pos, er, r)
@@ -126,26 +147,26 @@ def _loss_fused(z: jax.Array, y: jax.Array, pw: jax.Array | None, log1p=jnp.log1
     return base + _times(a, relu_z) + _times(b, relu_neg_z)
 
 
-def _grad_fused(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+def _grad_fused(z: jax.Array, y: jax.Array, pw: jax.Array | None, recip=_recip) -> jax.Array:
     """``(1 - y) sigmoid(z) - pw y sigmoid(-z)`` sharing ``exp(-|z|)`` with the loss."""
     e = jnp.exp(_neg_abs(z))
     a, b = _coefficients(y, pw)
-    s_pos, s_neg = _sigmoids(z, e)
+    s_pos, s_neg = _sigmoids(z, e, recip)
     return a * s_pos - b * s_neg
 
 
-def _hard_parts(z: jax.Array, y: jax.Array):
+def _hard_parts(z: jax.Array, y: jax.Array, recip=_recip):
     """Shared by :func:`_loss_hard` and :func:`_grad_hard` (XLA computes them once).
 
     ``pos = y != 0``; ``wrong``: z is on the wrong side of 0 for the label (z >= 0 for a
     negative, z < 0 for a positive), where the loss is ``|z| + log1p(e)`` rather than
     ``log1p(e)``; ``e = exp(-|z|)`` (the z >= 0 branch at 0, :func:`_neg_abs`);
-    ``r = 1 / (1 + e)``.
+    ``r = 1 / (1 + e)`` (from ``recip``).
     """
     pos = y != 0
     wrong = pos != (z >= 0)
     e = jnp.exp(_neg_abs(z))
-    return pos, wrong, e, 1 / (1 + e)
+    return pos, wrong, e, recip(1 + e)
 
 
 def _loss_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None, log1p=jnp.log1p) -> jax.Array:
@@ -162,9 +183,9 @@ def _loss_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None, log1p=jnp.log1p
     return loss if pw is None else jnp.where(pos, pw * loss, loss)
 
 
-def _grad_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+def _grad_hard(z: jax.Array, y: jax.Array, pw: jax.Array | None, recip=_recip) -> jax.Array:
     """``sigmoid(z)`` for negatives, ``-pw sigmoid(-z)`` for positives: ``+-sigmoid(t)``."""
-    pos, wrong, e, r = _hard_parts(z, y)
+    pos, wrong, e, r = _hard_parts(z, y, recip)
     s = jnp.where(wrong, r, e * r)  # sigmoid(t), no cancellation
     return jnp.where(pos, -(s if pw is None else pw * s), s)
 
@@ -319,29 +340,36 @@ bce_with_logits_hard.defjvp(
 @jax.custom_jvp
 def bce_with_logits_narrow(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     """:func:`bce_with_logits` for logits that were 16-bit (bfloat16, float16) before
-    their conversion to float32: on GPU and TPU ``log1p`` is :func:`_log1p_unit`, nine
-    multiply-adds, within 3 float32 ulp where XLA's is within 2.4; the results are
-    rounded to the logits' 8 or 11 bits, which leaves no trace of the difference. On CPU
-    it is :func:`bce_with_logits`.
+    their conversion to float32. On GPU and TPU ``log1p`` is :func:`_log1p_unit` (within
+    3 float32 ulp, where XLA's is within 2.4) and the gradient's ``1 / (1 + e)`` is
+    :func:`_recip_unit` (within 5.5 ulp rather than 3.5): the results are rounded to the
+    logits' 8 or 11 bits, and over every finite 16-bit logit they round as the float32
+    kernels' do but for a handful of ties (tests/test_accuracy.py). On CPU it is
+    :func:`bce_with_logits`.
     """
     return _per_platform(_loss_cpu, functools.partial(_loss_fused, log1p=_log1p_unit), z, y, pw)
 
 
 bce_with_logits_narrow.defjvp(
-    _bce_rule(bce_with_logits_narrow, _grad_cpu, _grad_fused), symbolic_zeros=True
+    _bce_rule(bce_with_logits_narrow, _grad_cpu, functools.partial(_grad_fused, recip=_recip_unit)),
+    symbolic_zeros=True,
 )
 
 
 @jax.custom_jvp
 def bce_with_logits_hard_narrow(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
-    """:func:`bce_with_logits_hard` for 16-bit logits, with :func:`_log1p_unit` on GPU and
-    TPU (see :func:`bce_with_logits_narrow`): bfloat16 logits with one-byte labels (5
-    bytes per element) are bound by instructions there, not by memory."""
+    """:func:`bce_with_logits_hard` for 16-bit logits, with :func:`_log1p_unit` and
+    :func:`_recip_unit` on GPU and TPU (see :func:`bce_with_logits_narrow`): bfloat16
+    logits with one-byte labels (5 bytes per element) are bound by instructions and
+    memory latency there, not by bandwidth."""
     return _per_platform(_loss_cpu, functools.partial(_loss_hard, log1p=_log1p_unit), z, y, pw)
 
 
 bce_with_logits_hard_narrow.defjvp(
-    _bce_rule(bce_with_logits_hard_narrow, _grad_cpu, _grad_hard), symbolic_zeros=True
+    _bce_rule(
+        bce_with_logits_hard_narrow, _grad_cpu, functools.partial(_grad_hard, recip=_recip_unit)
+    ),
+    symbolic_zeros=True,
 )
 
 

@@ -464,10 +464,12 @@ def test_property_finite_nonnegative_and_matches_reference(z, data):
     ],
 )
 def test_gpu_lowering_uses_xla_log1p_only_for_32_bit_logits(dtype, labels, log1p):
-    """Lowered for a GPU (none needed): 16-bit logits take the polynomial log1p."""
+    """Lowered for a GPU (none needed): 16-bit logits take the polynomial log1p and
+    1 / (1 + e) from rsqrt; 32-bit logits XLA's log1p and a division."""
     z = jax.ShapeDtypeStruct((4096,), dtype)
     y = jax.ShapeDtypeStruct((4096,), labels)
     f = jax.value_and_grad(lambda z, y: jaxbce.binary_cross_entropy_with_logits(z, y))
     text = jax.jit(f).trace(z, y).lower(lowering_platforms=("cuda",)).as_text()
     assert ("log_plus_one" in text) == log1p
+    assert ("rsqrt" in text) == (not log1p)
     assert "optimization_barrier" in text

@@ -133,17 +133,20 @@ def test_kernel_for_picks_by_labels_and_logits_width(hard, narrow):
     "kernel", [_core.bce_with_logits_narrow, _core.bce_with_logits_hard_narrow]
 )
 def test_narrow_kernels_match_the_float32_ones_on_cpu(kernel):
-    """On CPU every kernel is the CPU formulation: identical values and derivatives."""
-    z = jnp.asarray(np.random.default_rng(3).normal(0, 4, 256).astype(np.float32))
-    y = jnp.asarray((np.arange(256) % 3 == 0).astype(np.float32))
+    """On CPU every kernel is the CPU formulation: identical values and derivatives.
+    (Pinned to the CPU: on a GPU the kernels differ, tests/test_accuracy.py.)"""
+    cpu = jax.local_devices(backend="cpu")[0]
+    z = jax.device_put(np.random.default_rng(3).normal(0, 4, 256).astype(np.float32), cpu)
+    y = jax.device_put((np.arange(256) % 3 == 0).astype(np.float32), cpu)
     ref = _core.bce_with_logits_hard if kernel is _core.bce_with_logits_hard_narrow else None
     ref = ref or _core.bce_with_logits
-    for pw in (None, jnp.full(256, 2.5)):
+    for pw in (None, jax.device_put(np.full(256, 2.5, np.float32), cpu)):
         f = jax.jit(
             jax.value_and_grad(lambda z, k, pw=pw: jnp.sum(k(z, y, pw)), argnums=0),
             static_argnums=1,
         )
         v, g = f(z, kernel)
         v0, g0 = f(z, ref)
+        assert g.devices() == {cpu}
         np.testing.assert_array_equal(v, v0)
         np.testing.assert_array_equal(g, g0)
