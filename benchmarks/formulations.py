@@ -10,9 +10,13 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
 - ``gen-L-R`` (float labels) and ``hard-L-R`` (bool/int labels): jaxbce's GPU kernel for
   those labels with ``log1p`` from XLA (``L = xla``) or jaxbce's polynomial (``poly``,
   ``_core._log1p_unit``), summed over rows of ``R`` elements, then the row sums.
-- ``lean-V-R`` (bool/int labels): the hard kernel with the polynomial and its gradient
-  written differently: ``sign`` the label's sign folded into the cotangent, ``rsq``
-  ``1/(1+e)`` from ``rsqrt`` and a Newton step, and both.
+- ``lean-V-S`` (bool/int labels): the hard kernel for 16-bit logits written in other
+  ways (``V``, :data:`LEAN`): ``div`` divides for ``1/(1+e)``, ``rsq`` takes it from
+  ``rsqrt`` squared and a Newton step, ``rsq0`` from ``rsqrt`` squared alone (what
+  jaxbce ships), ``sign`` folds the label's sign into the cotangent, ``qD`` uses a
+  ``log1p`` polynomial of lower degree ``D``; summed as ``S`` (:data:`LAYOUTS`): rows of
+  ``R`` elements (``rows-R``), the columns of ``[N / C, C]`` (``cols-C``) or the ``C``
+  rows of ``[C, N / C]`` (``tcols-C``), then those sums.
 - ``grad-only``: only the gradient (the loss value discarded, so XLA drops it): the
   element-wise part alone, in a loop fusion. ``nomath-512``: the reduction with the
   gradient as a side output and almost no math.
@@ -20,10 +24,15 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
   array of the logits' dtype): the limit. ``peak-f32``: a float32 copy of N elements
   (8 B/element), the device's bandwidth.
 
-``--accuracy`` measures each kernel's ulp error on this device against float64;
-``--only REGEX`` restricts the variants. (In ``results/gpu/formulations/run5-*.log``,
-``poly`` was a 12-multiply-add polynomial, 1.31 ulp, ``p9`` today's ``poly``, and the
-``lean`` variants still had the two-select loss of the hard kernel.)
+``--accuracy`` measures each kernel's ulp error on this device against float64, and over
+every finite bfloat16 and float16 logit how many of its results, rounded to that dtype,
+miss the correctly rounded value; ``--only REGEX`` restricts the variants;
+``benchmarks/probe_gpu.sh`` runs this and Nsight Compute in one device call. (In
+``results/gpu/formulations/run5-*.log``, ``poly`` was a 12-multiply-add polynomial, 1.31
+ulp, ``p9`` today's ``poly``, and the ``lean`` variants still had the two-select loss of
+the hard kernel. ``run6-recip-exp.log`` has two variants since removed: ``fexp16``, an
+``exp`` with an accuracy tolerance of 2**-16, for which XLA emitted the same code, and
+``rexp``, ``1/(1+e)`` as ``exp(-log1p(e))``, which XLA split into two kernels.)
 
 Writes ``formulations.json`` and ``hlo.tar.gz`` (every variant's optimized HLO) to
 ``--out``.
@@ -58,6 +67,37 @@ def _rows_sum(size: int):
     return functools.partial(_common.sum_all, rows=size)
 
 
+def _cols_sum(size: int):
+    """A two-stage sum down the columns of ``[N / size, size]``, then the column sums."""
+
+    @jax.custom_jvp
+    def total(x):
+        partial = jnp.sum(x.reshape(-1, size), axis=0)
+        return jnp.sum(jax.lax.optimization_barrier(partial))
+
+    total.defjvp(lambda p, t: (total(p[0]), jnp.sum(t[0])))
+    return total
+
+
+def _tcols_sum(size: int):
+    """A two-stage sum down the ``size`` rows of ``[size, N / size]``, then those sums."""
+
+    @jax.custom_jvp
+    def total(x):
+        partial = jnp.sum(x.reshape(size, -1), axis=0)
+        return jnp.sum(jax.lax.optimization_barrier(partial))
+
+    total.defjvp(lambda p, t: (total(p[0]), jnp.sum(t[0])))
+    return total
+
+
+def _sum_for(layout: str):
+    """``rows-R``, ``cols-C`` or ``tcols-C``: :func:`_rows_sum`, :func:`_cols_sum` or
+    :func:`_tcols_sum`."""
+    kind, size = layout.split("-")
+    return {"rows": _rows_sum, "cols": _cols_sum, "tcols": _tcols_sum}[kind](int(size))
+
+
 def _gpu_kernel(loss, grad, log1p):
     """jaxbce's GPU kernel ``loss``/``grad`` (``_core._loss_fused``/``_grad_fused`` for
     float labels, ``_loss_hard``/``_grad_hard`` for bool/int ones) with the given
@@ -83,29 +123,95 @@ def _hard(log1p):
     return _gpu_kernel(_core._loss_hard, _core._grad_hard, log1p)
 
 
-def _recip_rsqrt(u):
-    """1/u for u in [1, 2]: rsqrt(u)**2 (one special-function op) and a Newton step."""
+def _recip_rsqrt(u, newton=True):
+    """1/u for u in [1, 2]: rsqrt(u)**2 (one special-function op), and a Newton step."""
     r0 = jax.lax.rsqrt(u)
     r0 = r0 * r0
-    return r0 + r0 * (1 - u * r0)
+    return r0 + r0 * (1 - u * r0) if newton else r0
 
 
-def _hard_lean(sign=False, rsq=False):
-    """jaxbce's kernel for 16-bit logits and hard labels with its gradient written
-    differently: ``sign`` folds the label's sign into the cotangent (``s * where(pos,
-    -dz, dz)`` rather than ``where(pos, -s, s) * dz``); ``rsq`` takes ``1/(1+e)`` from
-    rsqrt and a Newton step."""
+def _exp(x, rtol):
+    """``exp(x)``, with XLA free to use a faster form within ``rtol`` where given."""
+    return jnp.exp(x) if rtol is None else jax.lax.exp(x, accuracy=jax.lax.Tolerance(rtol=rtol))
+
+
+# Coefficients of q in log1p(x) = x + x**2 q(x) on [0, 1] of lower degree than jaxbce's
+# (degree 7), fitted by scripts/fit_log1p.py: largest relative errors without fused
+# multiply-adds 3.3e-7 (degree 6), 1.5e-6 (5), 9.8e-6 (4).
+_Q = {
+    6: (
+        -0.4999817907810211,
+        0.33284062147140503,
+        -0.2453686147928238,
+        0.17847192287445068,
+        -0.10902267694473267,
+        0.04498647525906563,
+        -0.008778907358646393,
+    ),
+    5: (
+        -0.4999074637889862,
+        0.3314042389392853,
+        -0.23611332476139069,
+        0.15102747082710266,
+        -0.0678509995341301,
+        0.014588250778615475,
+    ),
+    4: (
+        -0.49953946471214294,
+        0.32622599601745605,
+        -0.21240390837192535,
+        0.10359229892492294,
+        -0.02473440207540989,
+    ),
+}
+
+
+def _log1p_q(degree: int):
+    """``log1p(x)`` on [0, 1] as ``x + x**2 q(x)`` with ``q`` of ``degree`` (7: jaxbce's)."""
+    if degree == 7:
+        return _core._log1p_unit
+    coeffs = _Q[degree]
+
+    def log1p(x):
+        q = jnp.full((), coeffs[-1], x.dtype)
+        for c in coeffs[-2::-1]:
+            q = q * x + c
+        return x + (x * x) * q
+
+    return log1p
+
+
+def _hard_lean(sign=False, recip="div", exp_rtol=None, q=7):
+    """jaxbce's kernel for 16-bit logits and hard labels written differently: ``sign``
+    folds the label's sign into the cotangent (``s * where(pos, -dz, dz)`` rather than
+    ``where(pos, -s, s) * dz``); ``recip`` is how ``r = 1/(1+e)`` is formed: ``div``
+    (division), ``rsq`` (rsqrt squared and a Newton step), ``rsq0`` (rsqrt squared
+    alone), ``rexp`` (``exp(-log1p(e))``, sharing the loss's ``log1p``); ``exp_rtol``
+    lets XLA use a faster ``exp`` within that relative tolerance; ``q`` is the degree of
+    the polynomial in ``log1p`` (:func:`_log1p_q`)."""
+    log1p = _log1p_q(q)
+
+    def parts(z, y):
+        pos = y != 0
+        wrong = pos != (z >= 0)
+        e = _exp(_core._neg_abs(z), exp_rtol)
+        return pos, wrong, e, log1p(e)
 
     @jax.custom_jvp
     def hard(z, y):
-        return _core._loss_hard(z, y, None, _core._log1p_unit)
+        _, wrong, _, lg = parts(z, y)
+        return jnp.where(wrong, jnp.abs(z), jnp.zeros((), z.dtype)) + lg
 
     @hard.defjvp
     def _jvp(primals, tangents):
         z, y = primals
-        pos, wrong, e, r = _core._hard_parts(z, y)
-        if rsq:
-            r = _recip_rsqrt(1 + e)
+        pos, wrong, e, lg = parts(z, y)
+        if recip == "div":
+            r = 1 / (1 + e)
+        elif recip == "rexp":
+            r = _exp(-lg, exp_rtol)
+        else:
+            r = _recip_rsqrt(1 + e, newton=recip == "rsq")
         s = jnp.where(wrong, r, e * r)  # sigmoid(t)
         dz = tangents[0]
         return hard(z, y), (s * jnp.where(pos, -dz, dz) if sign else jnp.where(pos, -s, s) * dz)
@@ -113,8 +219,30 @@ def _hard_lean(sign=False, rsq=False):
     return hard
 
 
-LEAN = {"sign": dict(sign=True), "rsq": dict(rsq=True), "sign-rsq": dict(sign=True, rsq=True)}
+LEAN = {
+    "div": dict(),
+    "sign": dict(sign=True),
+    "rsq": dict(recip="rsq"),
+    "rsq0": dict(recip="rsq0"),
+    "rsq0-sign": dict(recip="rsq0", sign=True),
+    "rsq0-q6": dict(recip="rsq0", q=6),
+    "rsq0-q5": dict(recip="rsq0", q=5),
+    "rsq0-q4": dict(recip="rsq0", q=4),
+}
 
+
+# How the lean variants sum the loss: rows of R elements or columns of [N / C, C].
+LAYOUTS = (
+    "rows-256",
+    "rows-512",
+    "rows-1024",
+    "rows-2048",
+    "rows-4096",
+    "rows-8192",
+    "cols-1024",
+    "tcols-64",
+    "tcols-512",
+)
 
 LOG1P = {"xla": jnp.log1p, "poly": _core._log1p_unit}
 
@@ -145,13 +273,13 @@ def variants(labels: str = "bool") -> dict:
     if hard_labels:
         for name, kw in LEAN.items():
             kernel = _hard_lean(**kw)
-            for size in (512, 4096):
-                total = _rows_sum(size)
+            for layout in LAYOUTS:
+                total = _sum_for(layout)
 
                 def h(z, y, total=total, kernel=kernel):
                     return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
 
-                out[f"lean-{name}-{size}"] = jax.value_and_grad(h)
+                out[f"lean-{name}-{layout}"] = jax.value_and_grad(h)
     kernel = (_hard if hard_labels else _general)(LOG1P["poly"])
     out["grad-only"] = jax.grad(
         lambda z, y: (
@@ -224,6 +352,69 @@ def accuracy(n: int = 1 << 20, seed: int = 0) -> dict:
     return out
 
 
+def _round_bf16(v: np.ndarray) -> np.ndarray:
+    """float64 to bfloat16 bits, correctly rounded (no double rounding through float32)."""
+    f = v.astype(np.float32)
+    low = (f.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    high = (low.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    dl, dh = np.abs(v - low.astype(np.float64)), np.abs(high.astype(np.float64) - v)
+    even = (low.view(np.uint32) & np.uint32(0x10000)) == 0
+    out = np.where((dh < dl) | ((dh == dl) & ~even), high, low)
+    return (out.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def accuracy_16bit(dtype: str = "bf16") -> dict:
+    """Every finite 16-bit logit (``bf16`` or ``f16``) with labels 0 and 1: how many
+    element-wise losses and gradients, rounded to that dtype as jaxbce returns them,
+    differ from the correctly rounded value, and by how many of its ulp at most. Results
+    below the dtype's normal range (where XLA:CPU flushes float32 to zero) are counted
+    apart."""
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bf16" else np.float16
+    round16 = _round_bf16 if dtype == "bf16" else lambda v: v.astype(np.float16).view(np.uint16)
+    tiny = float(ml_dtypes.finfo(np_dtype).tiny)
+    zb = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np_dtype)
+    zb = zb[np.isfinite(zb.astype(np.float32))]
+    zd = zb.astype(np.float64)
+    out = {}
+    kernels = {"hard-xla": _hard(LOG1P["xla"])} | {
+        f"lean-{k}": _hard_lean(**kw) for k, kw in LEAN.items()
+    }
+    for label in (0, 1):
+        t = zd if label == 0 else -zd
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss_true = np.maximum(t, 0) + np.log1p(np.exp(-np.abs(t)))
+            sig = np.where(t >= 0, 1 / (1 + np.exp(-t)), np.exp(t) / (1 + np.exp(t)))
+        truth = {"loss": loss_true, "grad": sig if label == 0 else -sig}
+        y = jnp.full(zb.shape, bool(label))
+        for name, kernel in kernels.items():
+            loss, grad = jax.jit(
+                lambda z, y, kernel=kernel: jax.jvp(
+                    lambda z: kernel(z.astype(jnp.float32), y).astype(z.dtype),
+                    (z,),
+                    (jnp.ones_like(z),),
+                )
+            )(jnp.asarray(zb), y)
+            rec = {"n": int(zb.size)}
+            for what, got in (("loss", loss), ("grad", grad)):
+                g = np.asarray(got).view(np.uint16).astype(np.int64)
+                r = round16(truth[what]).astype(np.int64)
+                # sign-magnitude bits onto an ordered integer line: distance in ulp
+                d = np.abs(
+                    np.where(g & 0x8000, -(g & 0x7FFF), g) - np.where(r & 0x8000, -(r & 0x7FFF), r)
+                )
+                normal = np.abs(truth[what]) >= tiny
+                rec[what] = {
+                    "wrong": int((d[normal] > 0).sum()),
+                    "max_ulp": int(d[normal].max()),
+                    "wrong_subnormal": int((d[~normal] > 0).sum()),
+                }
+            out[f"{dtype} {name} y={label}"] = rec
+            print(f"  {dtype} outputs {name:14s} y={label}: {rec}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log2n", type=int, default=28)
@@ -258,6 +449,7 @@ def main() -> None:
     del x32
     if args.accuracy:
         results["accuracy"] = accuracy()
+        results["accuracy_16bit"] = accuracy_16bit("bf16") | accuracy_16bit("f16")
 
     for logits, labels in pairs:
         host = impls.host_inputs(n, logits, labels)

@@ -208,6 +208,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"{meta['load_before']} before / {meta['load_after']} after. Command: "
         f"`{env}{meta['command']}`",
         "",
+        *([f"*{meta['note']}*", ""] if meta.get("note") else []),
         f"Median of {meta['repeats']} samples per function, {meta['in_flight']} call(s) in "
         f"flight per sample, {meta.get('pause_ms', 0):g} ms of sleep before each sample; the "
         "JAX functions of a case are sampled interleaved (round-robin)"
