@@ -115,6 +115,16 @@ def _gpu_kernel(loss, grad, log1p):
     return kernel
 
 
+def _loss_max(z, y, pw, log1p):
+    """``_core._loss_fused`` with ``max(z, 0)`` and ``max(-z, 0)`` rather than selects."""
+    e = jnp.exp(_core._neg_abs(z))
+    lg = log1p(e)
+    a, b = _core._coefficients(y, pw)
+    base = lg if pw is None else (a + b) * lg
+    zero = jnp.zeros((), z.dtype)
+    return base + _core._times(a, jnp.maximum(z, zero)) + _core._times(b, jnp.maximum(-z, zero))
+
+
 def _general(log1p):
     return _gpu_kernel(_core._loss_fused, _core._grad_fused, log1p)
 
@@ -231,6 +241,9 @@ LEAN = {
 }
 
 
+# How the forward-only variants sum the loss ("sum": one jnp.sum).
+FWD_LAYOUTS = ("sum", "rows-512", "rows-1024", "rows-4096", "rows-16384", "cols-1024")
+
 # How the lean variants sum the loss: rows of R elements or columns of [N / C, C].
 LAYOUTS = (
     "rows-256",
@@ -294,6 +307,34 @@ def variants(labels: str = "bool") -> dict:
         return (total(zf * zf * y.astype(jnp.float32)) / z.size).astype(z.dtype)
 
     out["nomath-512"] = jax.value_and_grad(g)
+    # Forward only (the loss value): jaxbce, its kernel summed in other ways, and optax.
+    out["fwd-current"] = current
+    fwd_kernel = _core.kernel_for(hard_labels, _common.is_narrow(jnp.bfloat16))
+    for layout in FWD_LAYOUTS:
+        total = jnp.sum if layout == "sum" else _sum_for(layout)
+
+        def fwd(z, y, total=total):
+            yy = y if hard_labels else y.astype(jnp.float32)
+            return (total(fwd_kernel(z.astype(jnp.float32), yy, None)) / z.size).astype(z.dtype)
+
+        out[f"fwd-{layout}"] = fwd
+    out["fwd-optax"] = functools.partial(impls.optax_loss("none"), aux=None)
+    if not hard_labels:  # the float-label loss written other ways, forward and with grad
+        forms = {
+            "xla": lambda z, y: _core.bce_with_logits(z, y, None),
+            "cpuform": _gpu_kernel(
+                lambda z, y, pw, log1p: _core._loss_cpu(z, y, pw), _core._grad_fused, None
+            ),
+            "max": _gpu_kernel(_loss_max, _core._grad_fused, _core._log1p_unit),
+        }
+        for fname, kernel in forms.items():
+
+            def loss_of(z, y, kernel=kernel):
+                total = _rows_sum(_common.SUM_ROWS_NARROW)
+                return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
+
+            out[f"fwd-{fname}"] = loss_of
+            out[f"vg-{fname}"] = jax.value_and_grad(loss_of)
     out["copy"] = lambda z, y: z + y.astype(z.dtype)
     for name, fn in out.items():
         out[name] = functools.wraps(fn)(lambda *a, fn=fn: fn(*a))
@@ -473,8 +514,9 @@ def main() -> None:
         for name, o in outs.items():
             if name == "copy":
                 continue
-            loss = None if name.endswith("grad-only") else o[0]
-            grad = o if name.endswith("grad-only") else o[1]
+            fwd = name.startswith("fwd")
+            loss = None if name.endswith("grad-only") else o if fwd else o[0]
+            grad = None if fwd else o if name.endswith("grad-only") else o[1]
             c = {}
             if loss is not None and not name.startswith("nomath"):
                 c["loss_rel_diff"] = float(abs(float(loss) - float(ref_loss)) / float(ref_loss))

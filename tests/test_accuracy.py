@@ -483,7 +483,7 @@ GPU_FORMS = {
         functools.partial(_core._grad_hard, recip=_core._recip_unit),
     ),
     "fused-narrow": (
-        functools.partial(_core._loss_fused, log1p=_core._log1p_unit),
+        functools.partial(_core._loss_fused, log1p=_core._log1p_unit, relus=_core._relus_max),
         functools.partial(_core._grad_fused, recip=_core._recip_unit),
     ),
 }
