@@ -17,6 +17,11 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
   ``log1p`` polynomial of lower degree ``D``; summed as ``S`` (:data:`LAYOUTS`): rows of
   ``R`` elements (``rows-R``), the columns of ``[N / C, C]`` (``cols-C``) or the ``C``
   rows of ``[C, N / C]`` (``tcols-C``), then those sums.
+- ``fwd-S`` (forward only, the loss value): jaxbce's 16-bit kernel summed as ``S``
+  (:data:`FWD_LAYOUTS`), ``fwd-current`` the public function, ``fwd-optax`` optax's
+  loss. With float labels also ``fwd-F`` and ``vg-F``: the loss written as ``F`` =
+  ``xla`` (the float32 kernel), ``cpuform`` (the CPU formulation) or ``max`` (
+  ``max(+-z, 0)`` as maxima, with the gradient's division), forward and value_and_grad.
 - ``grad-only``: only the gradient (the loss value discarded, so XLA drops it): the
   element-wise part alone, in a loop fusion. ``nomath-512``: the reduction with the
   gradient as a side output and almost no math.
