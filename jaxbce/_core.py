@@ -56,7 +56,7 @@ def _log1p_unit(x: jax.Array) -> jax.Array:
 
 
 def _recip(u: jax.Array) -> jax.Array:
-    """``1 / u``: a division (within 2 float32 ulp on a GPU)."""
+    """``1 / u``: a division."""
     return 1 / u
 
 
@@ -363,7 +363,7 @@ def bce_with_logits_narrow(z: jax.Array, y: jax.Array, pw: jax.Array | None) -> 
     """:func:`bce_with_logits` for logits that were 16-bit (bfloat16, float16) before
     their conversion to float32. On GPU and TPU ``log1p`` is :func:`_log1p_unit` (within
     3 float32 ulp, where XLA's is within 2.4) and the gradient's ``1 / (1 + e)`` is
-    :func:`_recip_unit` (within 5.5 ulp rather than 3.5): the results are rounded to the
+    :func:`_recip_unit` (within 5.3 ulp rather than 3.5): the results are rounded to the
     logits' 8 or 11 bits, and over every finite 16-bit logit they round as the float32
     kernels' do but for a handful of ties (tests/test_accuracy.py). The loss takes its
     ``max(+-z, 0)`` from :func:`_relus_max`. On CPU it is :func:`bce_with_logits`.
