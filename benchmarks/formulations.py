@@ -72,24 +72,12 @@ def _rows_sum(size: int):
     return functools.partial(_common.sum_all, rows=size)
 
 
-def _cols_sum(size: int):
-    """A two-stage sum down the columns of ``[N / size, size]``, then the column sums."""
+def _cols_sum(shape: tuple[int, int]):
+    """A two-stage sum down the columns of ``x.reshape(shape)``, then the column sums."""
 
     @jax.custom_jvp
     def total(x):
-        partial = jnp.sum(x.reshape(-1, size), axis=0)
-        return jnp.sum(jax.lax.optimization_barrier(partial))
-
-    total.defjvp(lambda p, t: (total(p[0]), jnp.sum(t[0])))
-    return total
-
-
-def _tcols_sum(size: int):
-    """A two-stage sum down the ``size`` rows of ``[size, N / size]``, then those sums."""
-
-    @jax.custom_jvp
-    def total(x):
-        partial = jnp.sum(x.reshape(size, -1), axis=0)
+        partial = jnp.sum(x.reshape(shape), axis=0)
         return jnp.sum(jax.lax.optimization_barrier(partial))
 
     total.defjvp(lambda p, t: (total(p[0]), jnp.sum(t[0])))
@@ -97,10 +85,13 @@ def _tcols_sum(size: int):
 
 
 def _sum_for(layout: str):
-    """``rows-R``, ``cols-C`` or ``tcols-C``: :func:`_rows_sum`, :func:`_cols_sum` or
-    :func:`_tcols_sum`."""
+    """``rows-R``: :func:`_rows_sum`; ``cols-C`` and ``tcols-C``: :func:`_cols_sum` of
+    ``[N / C, C]`` and of ``[C, N / C]``."""
     kind, size = layout.split("-")
-    return {"rows": _rows_sum, "cols": _cols_sum, "tcols": _tcols_sum}[kind](int(size))
+    size = int(size)
+    if kind == "rows":
+        return _rows_sum(size)
+    return _cols_sum((-1, size) if kind == "cols" else (size, -1))
 
 
 def _gpu_kernel(loss, grad, log1p):
@@ -185,15 +176,7 @@ def _log1p_q(degree: int):
     """``log1p(x)`` on [0, 1] as ``x + x**2 q(x)`` with ``q`` of ``degree`` (7: jaxbce's)."""
     if degree == 7:
         return _core._log1p_unit
-    coeffs = _Q[degree]
-
-    def log1p(x):
-        q = jnp.full((), coeffs[-1], x.dtype)
-        for c in coeffs[-2::-1]:
-            q = q * x + c
-        return x + (x * x) * q
-
-    return log1p
+    return functools.partial(_core._log1p_unit, q=_Q[degree])
 
 
 def _hard_lean(sign=False, recip="div", exp_rtol=None, q=7):

@@ -34,7 +34,7 @@ _LOG1P_Q = (
 )
 
 
-def _log1p_unit(x: jax.Array) -> jax.Array:
+def _log1p_unit(x: jax.Array, q: tuple[float, ...] = _LOG1P_Q) -> jax.Array:
     r"""``log1p(x)`` for x in [0, 1] (NaN for NaN) in nine multiply-adds.
 
     .. math:: \log(1 + x) = x + x^2 q(x)
@@ -45,14 +45,15 @@ def _log1p_unit(x: jax.Array) -> jax.Array:
     twice the instructions, and more accurate (2.3 rather than 2.9 ulp in the loss).
     The kernels for 16-bit logits use it, whose results are rounded to 8 or 11 bits:
     their loss + gradient is bound by instruction count, not memory. Float64 (anything
-    but float32) takes ``jnp.log1p``.
+    but float32) takes ``jnp.log1p``. ``q``: the polynomial's coefficients, lowest degree
+    first (benchmarks/formulations.py tries lower degrees).
     """
     if x.dtype != jnp.float32:
         return jnp.log1p(x)
-    q = jnp.full((), _LOG1P_Q[-1], x.dtype)
-    for c in _LOG1P_Q[-2::-1]:
-        q = q * x + c
-    return x + (x * x) * q
+    p = jnp.full((), q[-1], x.dtype)
+    for c in q[-2::-1]:
+        p = p * x + c
+    return x + (x * x) * p
 
 
 def _recip(u: jax.Array) -> jax.Array:
