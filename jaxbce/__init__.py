@@ -9,11 +9,11 @@ from jaxbce._classification import (
     sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
 )
 from jaxbce._focal import sigmoid_focal_loss as sigmoid_focal_loss
-from jaxbce._sparse import check_positive_indices as check_positive_indices
 from jaxbce._sparse import (
     sparse_binary_cross_entropy_with_logits as sparse_binary_cross_entropy_with_logits,
 )
-from jaxbce._validation import check_inputs as check_inputs
+from jaxbce._value_checks import check_inputs as check_inputs
+from jaxbce._value_checks import check_positive_indices as check_positive_indices
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxbce import _common, _core
+from jaxbce import _checks, _core, _prepare, _reduce
+from jaxbce._compile import compiled
 
 
+@compiled(scalar_options=("label_smoothing",))
 def binary_cross_entropy_with_logits(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -24,9 +26,10 @@ def binary_cross_entropy_with_logits(
     axis: int | Sequence[int] | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    r"""Sigmoid binary cross-entropy from logits, stable for every logit including +-inf.
+    r"""Sigmoid binary cross-entropy from logits, exact for every logit including +-inf.
 
-    For a logit :math:`z`, label :math:`y` and positive-class weight :math:`w_+`,
+    For a logit :math:`z`, label :math:`y`, weight :math:`w` and positive-class weight
+    :math:`w_+`,
 
     .. math::
         \ell(z, y) = w \left[ w_+ y \operatorname{softplus}(-z)
@@ -34,49 +37,48 @@ def binary_cross_entropy_with_logits(
         \qquad \frac{\partial \ell}{\partial z}
               = w \left[(1 - y)\,\sigma(z) - w_+ y\,\sigma(-z)\right],
 
-    which is :math:`w(\sigma(z) - y)` for :math:`w_+ = 1`. The loss is evaluated with one
-    ``exp`` and one ``log1p`` per element and no cancellation; the gradient comes from a
-    ``jax.custom_jvp`` rule (one ``exp``, no autodiff through the loss). On GPU and TPU
-    loss and gradient share the ``exp`` and XLA fuses them into one pass over memory; on
-    CPU a formulation suited to XLA:CPU is chosen when compiling. Hard labels drop their
-    unused term exactly, so the loss is 0 at ``(z=+inf, y=1)`` and ``(z=-inf, y=0)``,
+    which is :math:`w(\sigma(z) - y)` for :math:`w_+ = 1`. The loss takes one ``exp``
+    and one ``log1p`` per element as a sum of non-negative terms (no cancellation); the
+    gradient comes from a ``jax.custom_jvp`` rule sharing that ``exp``, differentiable
+    again (Hessians), with derivatives w.r.t. labels and ``pos_weight`` too. Hard labels
+    drop their unused term exactly: the loss is 0 at ``(+inf, 1)`` and ``(-inf, 0)``,
     ``+inf`` on the wrong side of an infinite logit and for soft labels there, and the
-    gradient stays finite. NaN in gives NaN out, except in entries masked out by ``where``
-    or ``ignore_index``, which are replaced by 0 before the loss and contribute nothing,
-    not even NaN.
+    gradient stays finite. NaN in gives NaN out, except in entries masked out by
+    ``where`` or ``ignore_index``, which contribute nothing.
 
-    Semantics follow PyTorch's ``binary_cross_entropy_with_logits``, plus options it lacks.
+    Semantics follow PyTorch's ``binary_cross_entropy_with_logits``, plus options it
+    lacks. Shapes, dtypes and option values are checked when tracing; array values are
+    not (use :func:`check_inputs` under ``checkify``).
 
     Args:
-      logits: float array of any shape ``[...]`` (float16, bfloat16, float32, float64).
-        Arithmetic runs in at least float32.
-      labels: array of exactly the shape of ``logits`` (never broadcast), float in
-        [0, 1], bool or integer (nonzero is the positive class); converted inside the
-        compiled computation. Bool and integer labels without label smoothing take a
-        leaner kernel on GPU and TPU (the same values).
+      logits: float array ``[...]`` (float16, bfloat16, float32 or float64); arithmetic
+        runs in at least float32.
+      labels: array of exactly the shape of ``logits`` (never broadcast): float in
+        [0, 1], bool, or integer (nonzero is the positive class).
       weight: optional per-element weight, broadcastable to ``logits.shape``.
-      pos_weight: optional weight of the positive term, broadcast along trailing axes:
-        shape ``[C]`` weights each class of ``[B, C]`` multi-label logits.
-      label_smoothing: ``eps`` in [0, 1]; labels become ``y * (1 - eps) + eps / 2``.
+      pos_weight: optional weight of the positive term, broadcastable to
+        ``logits.shape`` (``[C]``: one per class of ``[B, C]`` logits).
+      label_smoothing: ``eps`` in [0, 1], Keras-style: labels become
+        ``y (1 - eps) + eps / 2``.
       where: optional bool mask broadcastable to ``logits.shape``; False entries
         contribute nothing and are not counted by ``"mean"``.
-      ignore_index: entries whose label equals this value are masked out as by ``where``
-        (missing labels in multi-label data).
-      axis: int or tuple of ints to reduce over; None (default) reduces over all axes.
-      reduction: ``"mean"`` (default; divides by the number of selected entries, also when
-        ``weight`` is given, as PyTorch does), ``"sum"``, ``"none"`` or
-        ``"weighted_mean"`` (``sum(weight * loss) / sum(weight)``, pytorch #54843).
-        A mean over zero selected entries is 0 with a zero gradient.
+      ignore_index: entries whose label equals this value are masked out as by
+        ``where`` (missing labels); NaN matches NaN labels.
+      axis: int or tuple of ints to reduce over; None reduces over all axes.
+      reduction: ``"mean"`` (default; divides by the number of selected entries, also
+        when ``weight`` is given, as PyTorch), ``"sum"``, ``"none"`` or
+        ``"weighted_mean"`` (``sum(w * loss) / sum(w)``). An empty mean is 0.
 
     Returns:
-      The loss in the dtype of ``logits``: shape ``logits.shape`` for ``"none"``, a scalar
-      when ``axis`` is None, else ``logits.shape`` without the reduced axes.
+      ``"none"``: the per-element loss, ``logits.shape``, in the logits' dtype.
+      Otherwise a scalar (``axis=None``) or ``logits.shape`` without ``axis``, in at
+      least float32 (float32 for 16-bit logits, as under PyTorch's autocast).
 
     Raises:
-      TypeError: non-float logits; complex or non-numeric labels; non-bool ``where``.
-      ValueError: labels' shape differs from logits'; ``weight``, ``pos_weight`` or
-        ``where`` do not broadcast to the logits' shape; unknown ``reduction``; ``axis``
-        out of range; ``label_smoothing`` outside [0, 1].
+      TypeError: non-float logits; non-numeric labels; non-bool ``where``.
+      ValueError: labels' shape differs from the logits'; ``weight``, ``pos_weight`` or
+        ``where`` do not broadcast to it; unknown ``reduction``; ``axis`` out of range;
+        ``label_smoothing`` outside [0, 1].
 
     Examples:
       >>> import jax.numpy as jnp
@@ -93,22 +95,16 @@ def binary_cross_entropy_with_logits(
       PyTorch ``torch.nn.BCEWithLogitsLoss``; optax ``sigmoid_binary_cross_entropy``;
       Keras ``BinaryCrossentropy(from_logits=True, label_smoothing=...)``.
     """
-    p = _common.prepare(
-        logits,
-        labels,
-        weight=weight,
-        where=where,
-        ignore_index=ignore_index,
-        axis=axis,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
+    p = _prepare.prepare(
+        logits, labels, weight, where, ignore_index, axis, reduction, label_smoothing
     )
-    pos_weight = _common.check_broadcast(pos_weight, "pos_weight", p.x.shape, p.compute_dtype)
-    hard = _common.labels_are_hard(labels, label_smoothing)
-    kernel = _core.kernel_for(hard, narrow=_common.is_narrow(p.dtype))
-    return _common.finish(kernel(p.x, p.y, pos_weight), p, reduction)
+    pos_weight = _checks.check_broadcast(pos_weight, "pos_weight", p.x.shape, p.compute_dtype)
+    hard = _prepare.labels_are_hard(labels, label_smoothing)
+    kernel = _core.kernel_for(hard, narrow=_prepare.is_narrow(p.dtype))
+    return _reduce.finish(kernel(p.x, p.y, pos_weight), p, reduction)
 
 
+@compiled()
 def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     r"""Drop-in for ``optax.losses.sigmoid_binary_cross_entropy``: per-element loss.
 
@@ -135,6 +131,7 @@ def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Ar
     return binary_cross_entropy_with_logits(logits, labels, reduction="none")
 
 
+@compiled()
 def binary_cross_entropy(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -161,7 +158,8 @@ def binary_cross_entropy(
     that, from ``z < -27.6`` with ``y = 1``, ``p (1 - p)`` falls under the 1e-12 clamp and
     the gradient w.r.t. the logit, ``p (1 - p) dL/dp``, is wrong (-0.094 instead of -1 at
     ``z = -30``). From logits the loss and the ``sigmoid(z) - y`` gradient stay exact for
-    every logit.
+    every logit. Probabilities outside [0, 1] give NaN where PyTorch raises:
+    :func:`check_inputs` (``probs=...``) checks them under ``checkify``.
 
     Args:
       probs: float array ``[...]`` of probabilities in [0, 1].
@@ -173,8 +171,7 @@ def binary_cross_entropy(
       reduction: ``"mean"`` (default), ``"sum"``, ``"none"`` or ``"weighted_mean"``.
 
     Returns:
-      The loss in the dtype of ``probs``, shaped as for
-      :func:`binary_cross_entropy_with_logits`.
+      The loss, shaped and typed as by :func:`binary_cross_entropy_with_logits`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -187,19 +184,11 @@ def binary_cross_entropy(
     References:
       PyTorch ``torch.nn.BCELoss``.
     """
-    p = _common.prepare(
-        probs,
-        labels,
-        weight=weight,
-        where=where,
-        ignore_index=ignore_index,
-        axis=axis,
-        reduction=reduction,
-        name="probs",
-    )
-    return _common.finish(_core.bce_on_probs(p.x, p.y), p, reduction)
+    p = _prepare.prepare(probs, labels, weight, where, ignore_index, axis, reduction, name="probs")
+    return _reduce.finish(_core.bce_on_probs(p.x, p.y), p, reduction)
 
 
+@compiled()
 def pos_weight_from_labels(
     labels: ArrayLike,
     *,
@@ -210,8 +199,9 @@ def pos_weight_from_labels(
 ) -> jax.Array:
     r"""Per-class ``pos_weight = n_negative / n_positive``, for imbalanced data.
 
-    Counts positives (the label mass ``sum(y)``: the count for hard labels) and
-    negatives over ``axis`` (the batch axis by default). A class with no positives gets weight 1 (no
+    Counts positives and negatives over ``axis`` (the batch axis by default): a bool or
+    integer label counts as one positive when nonzero, as in the losses; float labels
+    count their mass ``sum(y)``. A class with no positives gets weight 1 (no
     reweighting) instead of inf; ``max_weight`` optionally caps the result.
 
     Args:
@@ -232,13 +222,13 @@ def pos_weight_from_labels(
       >>> print(jaxbce.pos_weight_from_labels(y))
       [3. 1.]
     """
-    labels = _common.check_labels(labels, jnp.shape(labels))
+    labels = _checks.check_labels(labels, jnp.shape(labels))
     shape = labels.shape
-    axis = _common.normalize_axis(axis, labels.ndim)
-    mask = _common.make_mask(where, labels, ignore_index, shape, target="labels")
-    y = labels.astype(jnp.float32)
+    axis = _checks.normalize_axis(axis, labels.ndim)
+    mask = _prepare.make_mask(where, labels, ignore_index, shape, target="labels")
+    y = _prepare.label_values(labels).astype(jnp.float32)
     sel = jnp.ones(shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    (y,) = _common.apply_mask(mask, y)
+    (y,) = _prepare.apply_mask(mask, y)
     n_pos = jnp.sum(y, axis=axis)
     n_neg = jnp.sum(sel, axis=axis) - n_pos
     w = jnp.where(n_pos > 0, n_neg / jnp.where(n_pos > 0, n_pos, 1.0), 1.0)

@@ -11,12 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxbce import _common, _core
-
-
-def _bce_and_grad(z: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The core BCE and its derivative in z (the core's own rule, via one jvp)."""
-    return jax.jvp(lambda z: _core.bce_with_logits(z, y, None), (z,), (jnp.ones_like(z),))
+from jaxbce import _checks, _core, _prepare, _reduce
+from jaxbce import _elementwise as ew
+from jaxbce._compile import compiled
 
 
 def _log_modulus(hard: bool, z: jax.Array, y: jax.Array):
@@ -32,9 +29,9 @@ def _log_modulus(hard: bool, z: jax.Array, y: jax.Array):
     alone is not: it is ``(sigmoid(-z) - sigmoid(z)) * bce / m`` with ``bce / m`` bounded
     by ``1 + |z|``).
     """
-    e, lg = _core._log1p_exp_neg_abs(z)
-    s_pos, s_neg = _core._sigmoids(z, e)
-    relu_z, relu_neg_z = _core._relus(z)
+    e, lg = ew.log1p_exp_neg_abs(z)
+    s_pos, s_neg = ew.sigmoids(z, e, 1 / (1 + e))
+    relu_z, relu_neg_z = ew.relus(z)
     sp_pos = relu_z + lg  # softplus(z)
     sp_neg = relu_neg_z + lg  # softplus(-z)
     one = y == 1
@@ -104,7 +101,7 @@ def _focal_with_logits_jvp(hard, primals, tangents):
     z, y, alpha, gamma = primals
     dz, dy, dalpha, dgamma = tangents
     out = focal_with_logits(hard, z, y, alpha, gamma)
-    bce, dbce_dz = _bce_and_grad(z, y)
+    bce, dbce_dz = _core.value_and_dz(_core.bce_with_logits, z, y, None)
     log_m, dlogm_dz, bce_dlogm_dy = _log_modulus(hard, z, y)
     mod = _modulating_factor(log_m, gamma)
     a_t = _alpha_t(y, alpha)
@@ -113,27 +110,23 @@ def _focal_with_logits_jvp(hard, primals, tangents):
         return x if a_t is None else a_t * x
 
     terms = []
-    if not _core._is_zero(dz):
-        d_z = mod * (_core._times(gamma * dlogm_dz, bce) + dbce_dz)
+    if not ew.is_zero(dz):
+        d_z = mod * (ew.times(gamma * dlogm_dz, bce) + dbce_dz)
         terms.append(scaled(d_z) * dz)
-    if not _core._is_zero(dy):
+    if not ew.is_zero(dy):
         d_y = mod * (gamma * bce_dlogm_dy - z)
         d_y = scaled(d_y)
         if alpha is not None:
             d_y = d_y + (2 * alpha - 1) * mod * bce
         terms.append(d_y * dy)
-    if alpha is not None and not _core._is_zero(dalpha):
+    if alpha is not None and not ew.is_zero(dalpha):
         terms.append((2 * y - 1) * mod * bce * dalpha)
-    if not _core._is_zero(dgamma):
-        terms.append(scaled(_core._times(_core._times(mod, log_m), bce)) * dgamma)
-    if not terms:
-        return out, jnp.zeros_like(out)
-    tangent = terms[0]
-    for t in terms[1:]:
-        tangent = tangent + t
-    return out, jnp.broadcast_to(tangent, out.shape)
+    if not ew.is_zero(dgamma):
+        terms.append(scaled(ew.times(ew.times(mod, log_m), bce)) * dgamma)
+    return out, ew.add_tangents(terms, out)
 
 
+@compiled(scalar_options=("alpha", "gamma"))
 def sigmoid_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -170,20 +163,11 @@ def sigmoid_focal_loss(
     with :math:`\partial \log(1 - p_t) / \partial z = -\sigma(z)` for :math:`y = 1` and
     :math:`\sigma(-z)` for :math:`y = 0`: no power of :math:`1 - p_t` below
     :math:`\gamma` appears, so loss and gradient are finite for every finite logit and
-    every :math:`\gamma \ge 0`, including :math:`\gamma < 1` at large :math:`|z|`
-    (torchvision returns NaN there) and confidently wrong logits (no clipping of
-    :math:`p`, unlike Keras). Infinite logits give 0 on the right side and ``+inf`` on
-    the wrong side, as the core does. With ``gamma=0`` and ``alpha=None`` the result
-    equals :func:`binary_cross_entropy_with_logits` exactly.
-
-    Soft labels :math:`y \in (0, 1)` use the same formula as torchvision (and optax):
-    :math:`1 - p_t` is then a convex combination of :math:`y` and :math:`1 - y`, so it
-    stays at least :math:`\min(y, 1 - y) > 0` and the loss and gradient stay finite and
-    smooth; the accuracy guarantees below are stated for hard labels.
-
-    Accuracy (float32, hard labels, loss in the normal range): relative error at most
-    :math:`(4 + \gamma |\log(1 - p_t)|)` float32 epsilons against an exact reference;
-    the :math:`\gamma |\log(1 - p_t)|` part is the rounding of the exponent.
+    every :math:`\gamma \ge 0` (torchvision's gradient is NaN for :math:`\gamma < 1`
+    at large :math:`|z|`; Keras clips :math:`p`). Infinite logits give 0 on the right
+    side and ``+inf`` on the wrong side. With ``gamma=0`` and ``alpha=None`` the result
+    equals :func:`binary_cross_entropy_with_logits` exactly. Soft labels use
+    torchvision's formula, where :math:`1 - p_t \ge \min(y, 1 - y) > 0`.
 
     Args:
       logits: float array of any shape ``[...]`` (float16, bfloat16, float32, float64).
@@ -204,8 +188,7 @@ def sigmoid_focal_loss(
         ``"none"`` or ``"weighted_mean"`` (``sum(weight * loss) / sum(weight)``).
 
     Returns:
-      The loss in the dtype of ``logits``: shape ``logits.shape`` for ``"none"``, a scalar
-      when ``axis`` is None, else ``logits.shape`` without the reduced axes.
+      The loss, shaped and typed as by :func:`binary_cross_entropy_with_logits`.
 
     Raises:
       TypeError: non-float logits; complex or non-numeric labels; non-bool ``where``.
@@ -234,23 +217,14 @@ def sigmoid_focal_loss(
       Detection <https://arxiv.org/abs/1708.02002>`_, ICCV 2017;
       ``torchvision.ops.sigmoid_focal_loss``; ``optax.losses.sigmoid_focal_loss``.
     """
-    label_dtype = _common._dtype_of(labels)
-    hard = bool(jnp.issubdtype(label_dtype, jnp.integer) or label_dtype == jnp.bool_)
-    p = _common.prepare(
-        logits,
-        labels,
-        weight=weight,
-        where=where,
-        ignore_index=ignore_index,
-        axis=axis,
-        reduction=reduction,
-    )
-    _common.check_scalar_option(gamma, "gamma", hi=None)
+    hard = _checks.is_hard_dtype(_checks.dtype_of(labels))
+    p = _prepare.prepare(logits, labels, weight, where, ignore_index, axis, reduction)
+    _checks.check_scalar_option(gamma, "gamma", hi=None)
     if alpha is not None:
         if np.ndim(alpha) == 0:
-            _common.check_scalar_option(alpha, "alpha")
+            _checks.check_scalar_option(alpha, "alpha")
             alpha = jnp.asarray(alpha, p.compute_dtype)
         else:
-            alpha = _common.check_broadcast(alpha, "alpha", p.x.shape, p.compute_dtype)
+            alpha = _checks.check_broadcast(alpha, "alpha", p.x.shape, p.compute_dtype)
     gamma = jnp.asarray(gamma, p.compute_dtype)
-    return _common.finish(focal_with_logits(hard, p.x, p.y, alpha, gamma), p, reduction)
+    return _reduce.finish(focal_with_logits(hard, p.x, p.y, alpha, gamma), p, reduction)

@@ -16,103 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 from jax.typing import ArrayLike
 
-from jaxbce import _common, _core
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
-
-
-def _check_indices(indices: Any, batch: int, num_classes: int, pad: Any) -> jax.Array:
-    """Trace-time checks of ``positive_indices``: dtype, rank, batch size and ``pad``.
-
-    When ``indices`` is a NumPy array or a list (values known without a device round
-    trip), its values are checked too; otherwise use :func:`check_positive_indices`.
-    """
-    dt = getattr(indices, "dtype", None)
-    dt = np.asarray(indices).dtype if dt is None else np.dtype(dt)
-    if not jnp.issubdtype(dt, jnp.integer):
-        raise TypeError(
-            f"positive_indices must be an integer array of class indices; got dtype {dt}."
-        )
-    shape = np.shape(indices)
-    if len(shape) != 2 or shape[0] != batch:
-        raise ValueError(
-            f"positive_indices must have shape (B, K) = ({batch}, K) for logits of shape "
-            f"({batch}, {num_classes}); got shape {shape}."
-        )
-    if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool):
-        raise TypeError(f"pad must be a Python int; got {pad!r}.")
-    if 0 <= pad < num_classes:
-        raise ValueError(
-            f"pad={pad} is a valid class index for {num_classes} classes; pad must lie "
-            f"outside [0, {num_classes}) (e.g. -1 or {num_classes})."
-        )
-    if num_classes + shape[1] > _INT32_MAX:
-        raise ValueError(f"num_classes + K must be below 2**31; got {num_classes} + {shape[1]}.")
-    if isinstance(indices, (np.ndarray, list, tuple)):
-        values = np.asarray(indices)
-        bad = (values != pad) & ((values < 0) | (values >= num_classes))
-        if bad.any():
-            raise ValueError(
-                f"positive_indices has {int(bad.sum())} entries that are neither pad "
-                f"({pad}) nor a class index in [0, {num_classes}) (first: "
-                f"{values[bad].flat[0]} at {tuple(int(i) for i in np.argwhere(bad)[0])})."
-            )
-    return jnp.asarray(indices)
-
-
-def check_positive_indices(indices: ArrayLike, num_classes: int, *, pad: int = -1) -> None:
-    """Checks index values with ``checkify.check``: every entry is ``pad`` or in range.
-
-    :func:`sparse_binary_cross_entropy_with_logits` checks dtype, rank and shape at trace
-    time, but values only when they are a NumPy array: traced indices outside
-    ``[0, num_classes)`` are silently ignored like ``pad``. Call this inside the function
-    you wrap with ``jax.experimental.checkify.checkify`` to get an error instead.
-
-    Args:
-      indices: ``[B, K]`` integer array of positive class indices, padded with ``pad``.
-      num_classes: ``C``, the number of classes (``logits.shape[-1]``).
-      pad: the padding value, not a class index.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.experimental import checkify
-      >>> import jaxbce
-      >>> def loss_fn(z, idx):
-      ...     jaxbce.check_positive_indices(idx, z.shape[-1])
-      ...     return jaxbce.sparse_binary_cross_entropy_with_logits(z, idx)
-      >>> checked = jax.jit(checkify.checkify(loss_fn))
-      >>> err, loss = checked(jnp.zeros((2, 4)), jnp.array([[0, 7], [2, -1]]))
-      >>> print(err.get())  # doctest: +ELLIPSIS
-      jaxbce: positive_indices has 1 entries neither pad (-1) nor in [0, 4) (first 7, row 0)...
-    """
-    idx = jnp.asarray(indices)
-    if not jnp.issubdtype(idx.dtype, jnp.integer):
-        raise TypeError(f"positive_indices must be an integer array; got dtype {idx.dtype}.")
-    ok = (idx == pad) | _in_range(idx, num_classes)
-    flat = jnp.ravel(ok)
-    first = jnp.argmin(flat)
-    checkify.check(
-        jnp.all(ok),
-        f"jaxbce: positive_indices has {{bad}} entries neither pad ({pad}) nor in "
-        f"[0, {num_classes}) (first {{val}}, row {{row}}).",
-        bad=jnp.sum(~ok),
-        val=jnp.ravel(idx)[first],
-        row=first // max(idx.shape[-1], 1) if idx.ndim > 1 else jnp.zeros((), jnp.int32),
-    )
-
-
-def _in_range(idx: jax.Array, num_classes: int) -> jax.Array:
-    """``0 <= idx < num_classes`` without overflowing narrow or unsigned dtypes."""
-    info = jnp.iinfo(idx.dtype)
-    ok = jnp.ones(idx.shape, jnp.bool_)
-    if info.min < 0:
-        ok = ok & (idx >= 0)
-    if num_classes <= info.max:
-        ok = ok & (idx < num_classes)
-    return ok
+from jaxbce import _checks, _core, _prepare, _reduce
+from jaxbce import _elementwise as ew
+from jaxbce._compile import compiled
+from jaxbce._value_checks import in_range
 
 
 def _unique_positives(idx: jax.Array, num_classes: int):
@@ -124,7 +33,7 @@ def _unique_positives(idx: jax.Array, num_classes: int):
     slots at 0, for gathers) and ``keep`` (the bool mask of the real positives).
     """
     batch, k = idx.shape
-    valid = _in_range(idx, num_classes)
+    valid = in_range(idx, num_classes)
     s = jnp.sort(jnp.where(valid, idx, num_classes).astype(jnp.int32), axis=1)
     prev = jnp.pad(s, ((0, 0), (1, 0)), constant_values=-1)[:, :k]
     keep = (s != prev) & (s < num_classes)
@@ -184,32 +93,28 @@ def _bce(z: jax.Array, y: jax.Array | None, pw: jax.Array | None) -> jax.Array:
 def _d_bce(z: jax.Array, y: jax.Array | None, pw: jax.Array | None) -> jax.Array:
     """d/dz of :func:`_bce`, element-wise: ``sigmoid(z)`` for y = 0, else the core's rule."""
     if y is None:
-        return _core._sigmoids(z, _core._log1p_exp_neg_abs(z)[0])[0]
-    y = jnp.broadcast_to(y, z.shape)
-    return jax.jvp(lambda z: _core.bce_with_logits(z, y, pw), (z,), (jnp.ones_like(z),))[1]
+        e, _ = ew.log1p_exp_neg_abs(z)
+        return ew.sigmoids(z, e, 1 / (1 + e))[0]
+    return _core.value_and_dz(_core.bce_with_logits, z, jnp.broadcast_to(y, z.shape), pw)[1]
 
 
-def _parts(z, safe, m2, pw2):
-    """Masked logits and the element-wise pieces shared by loss and gradient."""
-    shape = z.shape
-    mask = None if m2 is None else jnp.broadcast_to(m2, shape)
-    (zm,) = _common.apply_mask(mask, z)
-    pw = _full(pw2, shape)
-    z_k = jnp.take_along_axis(zm, safe, axis=1, mode="promise_in_bounds")
-    return zm, pw, z_k, _at(pw2, safe)
+def _parts(z, safe, pw2):
+    """The element-wise pieces shared by loss and gradient (``z`` is already masked)."""
+    z_k = jnp.take_along_axis(z, safe, axis=1, mode="promise_in_bounds")
+    return _full(pw2, z.shape), z_k, _at(pw2, safe)
 
 
-def _dense_loss(z, cols, safe, y0, y1, m2, pw2) -> jax.Array:
+def _dense_loss(z, cols, safe, y0, y1, pw2) -> jax.Array:
     """The per-element ``[B, C]`` loss (negatives' BCE, positives' BCE scattered in)."""
-    zm, pw, z_k, pw_k = _parts(z, safe, m2, pw2)
-    base = _core.bce_with_logits(zm, _label(y0, 0.0, z.shape, z.dtype), pw)
+    pw, z_k, pw_k = _parts(z, safe, pw2)
+    base = _core.bce_with_logits(z, _label(y0, 0.0, z.shape, z.dtype), pw)
     pos = _core.bce_with_logits(z_k, _label(y1, 1.0, z_k.shape, z.dtype), pw_k)
     return _scatter(base, cols, pos)
 
 
 def _mask_weight(shape, w2, m2):
     w = _full(w2, shape)
-    m = None if m2 is None else jnp.broadcast_to(m2 != 0, shape)
+    m = None if m2 is None else jnp.broadcast_to(m2, shape)
     return w, m
 
 
@@ -219,9 +124,9 @@ def _dense_total(axis, z, cols, safe, keep, y0, y1, w2, m2, pw2, scale) -> jax.A
     Used for ``reduction="none"`` and for the derivatives with respect to everything but
     the logits (weights, pos_weight, label smoothing, the mean's normalisation).
     """
-    loss = _dense_loss(z, cols, safe, y0, y1, m2, pw2)
+    loss = _dense_loss(z, cols, safe, y0, y1, pw2)
     w, m = _mask_weight(z.shape, w2, m2)
-    total = _common.reduce_loss(
+    total = _reduce.reduce_loss(
         loss, weight=w, mask=m, axis=axis, reduction="sum", dtype=loss.dtype
     )
     return total * scale
@@ -245,15 +150,15 @@ def _sparse_total(axis, z, cols, safe, keep, y0, y1, w2, m2, pw2, scale) -> jax.
     of the logits. Each distinct positive then adds ``bce(z, y1) - bce(z, y0)``, gathered
     at ``K`` entries per row.
     """
-    zm, pw, z_k, pw_k = _parts(z, safe, m2, pw2)
+    pw, z_k, pw_k = _parts(z, safe, pw2)
     w, m = _mask_weight(z.shape, w2, m2)
-    base = _bce(zm, y0, pw)
-    total = _common.reduce_loss(
+    base = _bce(z, y0, pw)
+    total = _reduce.reduce_loss(
         base, weight=w, mask=m, axis=axis, reduction="sum", dtype=base.dtype
     )
     pos = _core.bce_with_logits(z_k, _label(y1, 1.0, z_k.shape, z.dtype), pw_k)
     neg = _core.bce_with_logits(z_k, _label(y0, 0.0, z_k.shape, z.dtype), pw_k)
-    sel = keep if m2 is None else keep & (_at(m2, safe) != 0)
+    sel = keep if m2 is None else keep & _at(m2, safe)
     corr = pos - neg
     if w2 is not None:
         corr = corr * _at(w2, safe)
@@ -273,36 +178,44 @@ def _sparse_total_jvp(axis, primals, tangents):
     z, cols, safe, keep, y0, y1, w2, m2, pw2, scale = primals
     dz, _, _, _, dy0, dy1, dw2, _, dpw2, dscale = tangents
     out = _sparse_total(axis, *primals)
-    tangent = jnp.zeros_like(out)
-    if not _core._is_zero(dz):
-        zm, pw, z_k, pw_k = _parts(z, safe, m2, pw2)
+    terms = []
+    if not ew.is_zero(dz):
+        pw, z_k, pw_k = _parts(z, safe, pw2)
         w, m = _mask_weight(z.shape, w2, m2)
         s = scale if axis is None or scale.ndim == 0 else jnp.expand_dims(scale, axis)
-        g = _d_bce(zm, y0, pw) * s
+        g = _d_bce(z, y0, pw) * s
         g_k = _d_bce(z_k, _label(y1, 1.0, z_k.shape, z.dtype), pw_k)
         g_k = g_k * (s if s.ndim == 0 else _at(s, safe))
         if w is not None:
             g, g_k = g * w, g_k * _at(w2, safe)
         if m is not None:
             zero = jnp.zeros((), g.dtype)
-            g, g_k = jnp.where(m, g, zero), jnp.where(_at(m2, safe) != 0, g_k, zero)
+            g, g_k = jnp.where(m, g, zero), jnp.where(_at(m2, safe), g_k, zero)
         grad = _scatter(g, cols, g_k)
-        tangent = tangent + jnp.sum(grad * dz, axis=axis)
+        terms.append(jnp.sum(grad * dz, axis=axis))
     rest = (y0, y1, w2, pw2, scale)
     d_rest = (dy0, dy1, dw2, dpw2, dscale)
-    if not all(_core._is_zero(t) for t in d_rest):
+    if not all(ew.is_zero(t) for t in d_rest):
         d_rest = tuple(
-            None if p is None else (jnp.zeros_like(p) if _core._is_zero(t) else t)
+            None if p is None else (jnp.zeros_like(p) if ew.is_zero(t) else t)
             for p, t in zip(rest, d_rest, strict=True)
         )
 
         def dense(y0, y1, w2, pw2, scale):
             return _dense_total(axis, z, cols, safe, keep, y0, y1, w2, m2, pw2, scale)
 
-        tangent = tangent + jax.jvp(dense, rest, d_rest)[1]
-    return out, tangent
+        terms.append(jax.jvp(dense, rest, d_rest)[1])
+    return out, ew.add_tangents(terms, out)
 
 
+def _check_numpy_indices(args: dict[str, Any]) -> None:
+    """Index values given as NumPy arrays or lists, checked before ``jit`` traces them."""
+    idx, logits = args["positive_indices"], args["logits"]
+    if isinstance(idx, (np.ndarray, list, tuple)) and np.ndim(logits) == 2:
+        _checks.check_positive_indices_shape(idx, *np.shape(logits), args["pad"])
+
+
+@compiled(scalar_options=("label_smoothing", "pad"), precheck=_check_numpy_indices)
 def sparse_binary_cross_entropy_with_logits(
     logits: ArrayLike,
     positive_indices: ArrayLike,
@@ -332,25 +245,21 @@ def sparse_binary_cross_entropy_with_logits(
                 - \operatorname{softplus}(z_{bc})\right].
 
     The first sum fuses with the one read of the logits; the second reads ``K`` entries
-    per row. The gradient w.r.t. the logits (a ``jax.custom_jvp`` rule) is
-    :math:`w\,[(1 - y_0)\sigma(z) - w_+ y_0 \sigma(-z)]` written once, with the positives'
-    entries then overwritten in place by :math:`w\,[(1 - y_1)\sigma(z) - w_+ y_1
-    \sigma(-z)]` (a scatter, not an add, so it is as accurate as the dense gradient).
-    Under ``value_and_grad`` of the mean, the memory traffic is the logits read once and
-    the gradient written once, against logits + labels + gradient for dense labels.
+    per row. The gradient w.r.t. the logits (a ``jax.custom_jvp`` rule) is the
+    negatives' gradient written once, with the positives' entries overwritten (not
+    corrected, so it is as accurate as the dense gradient).
 
-    Accuracy: the gradient and ``reduction="none"`` are as accurate as the dense function.
-    A reduced loss adds each positive's ``softplus(z)`` in the first sum and takes it out
-    again in the second, so it carries an absolute error of about float32 eps times
-    :math:`\sum_{c \in P_b} \operatorname{softplus}(z_{bc})` per row: negligible for
-    training, but a well-fitted row whose true loss is below that reads as a tiny (even
-    slightly negative) number. For the same reason a positive whose logit is ``+inf``
-    makes the reduced loss NaN (the dense function gives the exact 0 there).
+    The reduced loss adds each positive's ``softplus(z)`` in the first sum and takes it
+    out in the second: an absolute error of about float32 eps times
+    :math:`\sum_{c \in P_b} \operatorname{softplus}(z_{bc})` per row, so a well-fitted
+    row can read as a tiny (even slightly negative) number, and a positive at
+    ``z = +inf`` makes it NaN (the dense function gives 0). ``reduction="none"`` and the
+    gradient are as accurate as the dense function.
 
-    ``positive_indices[b]`` lists row ``b``'s positive classes in any order, padded with
-    ``pad``; repeated indices count once. Indices outside ``[0, C)`` are ignored like
-    ``pad`` (they are rejected at trace time when given as a NumPy array; use
-    :func:`check_positive_indices` under ``checkify`` for traced ones).
+    ``positive_indices[b]`` lists row ``b``'s positives in any order, padded with
+    ``pad``; repeats count once. Indices outside ``[0, C)`` are ignored like ``pad``
+    (rejected when given as a NumPy array; use :func:`check_positive_indices` under
+    ``checkify`` for traced ones).
 
     Args:
       logits: float array ``[B, C]`` (float16, bfloat16, float32, float64); arithmetic
@@ -370,8 +279,8 @@ def sparse_binary_cross_entropy_with_logits(
         loss) or ``"weighted_mean"`` (``sum(weight * loss) / sum(weight)``).
 
     Returns:
-      The loss in the dtype of ``logits``: ``[B, C]`` for ``"none"``, a scalar when
-      ``axis`` is None, else ``[B, C]`` without the reduced axes.
+      ``[B, C]`` in the logits' dtype for ``"none"``; else a scalar (``axis=None``) or
+      ``[B, C]`` without ``axis``, in at least float32.
 
     Raises:
       TypeError: non-float logits; non-integer ``positive_indices``; non-int ``pad``;
@@ -405,49 +314,31 @@ def sparse_binary_cross_entropy_with_logits(
       Repository, http://manikvarma.org/downloads/XC/XMLRepository.html); PyTorch
       ``BCEWithLogitsLoss`` semantics for every option.
     """
-    logits = _common.check_float_array(logits, "logits")
-    if logits.ndim != 2:
+    p = _prepare.prepare(logits, None, weight, where, None, axis, reduction, label_smoothing)
+    if p.x.ndim != 2:
         raise ValueError(
-            f"logits must have shape (B, C) (rank 2); got shape {logits.shape}. Reshape "
+            f"logits must have shape (B, C) (rank 2); got shape {p.x.shape}. Reshape "
             "leading axes into B."
         )
-    shape, dtype = logits.shape, logits.dtype
+    shape, cdt = p.x.shape, p.compute_dtype
     batch, num_classes = shape
-    cdt = _common.compute_dtype(dtype)
-    idx = _check_indices(positive_indices, batch, num_classes, pad)
-    axis = _common.normalize_axis(axis, 2)
-    _common.check_reduction(reduction)
-    w_full = _common.check_broadcast(weight, "weight", shape, cdt)
-    _common.check_broadcast(pos_weight, "pos_weight", shape, cdt)
-    mask = _common.make_mask(where, None, None, shape)
-    if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
-        _common.check_scalar_option(label_smoothing, "label_smoothing")
-        y0 = y1 = None  # labels 0 and 1: no label operand at all
-    else:
-        y0, y1 = (_common.smooth_labels(jnp.asarray(v, cdt), label_smoothing) for v in (0.0, 1.0))
+    idx = _checks.check_positive_indices_shape(positive_indices, batch, num_classes, pad)
+    _checks.check_broadcast(pos_weight, "pos_weight", shape, cdt)
+    y0 = y1 = None  # labels 0 and 1: no label operand at all
+    if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
+        y0, y1 = (_prepare.smooth_labels(jnp.asarray(v, cdt), label_smoothing) for v in (0, 1))
 
-    z = logits.astype(cdt)
     cols, safe, keep = _unique_positives(idx, num_classes)
     w2, pw2 = _view2d(weight, cdt), _view2d(pos_weight, cdt)
     m2 = None if where is None else _view2d(where, jnp.bool_)
 
-    if reduction == "none" or axis == ():
-        loss = _dense_loss(z, cols, safe, y0, y1, m2, pw2)
-        return _common.reduce_loss(
-            loss, weight=w_full, mask=mask, axis=axis, reduction=reduction, dtype=dtype
+    if reduction == "none" or p.axis == ():
+        return _reduce.finish(_dense_loss(p.x, cols, safe, y0, y1, pw2), p, reduction)
+    den = 1
+    if reduction != "sum":
+        den = _reduce.denominator(
+            shape, weight=p.weight, mask=p.mask, axis=p.axis, reduction=reduction, dtype=p.dtype
         )
-    if reduction == "sum":
-        scale = jnp.ones((), cdt)
-    else:
-        weighted = reduction == "weighted_mean" and weight is not None
-        count = _common.reduce_loss(
-            jnp.ones(shape, cdt),
-            weight=w_full if weighted else None,
-            mask=mask,
-            axis=axis,
-            reduction="sum",
-            dtype=cdt,
-        )
-        scale = 1 / jnp.where(count == 0, jnp.ones((), cdt), count)
-    total = _sparse_total(axis, z, cols, safe, keep, y0, y1, w2, m2, pw2, scale)
-    return total.astype(dtype)
+    scale = 1 / jnp.asarray(den, cdt)
+    total = _sparse_total(p.axis, p.x, cols, safe, keep, y0, y1, w2, m2, pw2, scale)
+    return total.astype(_reduce.output_dtype(p.dtype, reduction))

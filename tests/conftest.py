@@ -1,5 +1,34 @@
-"""Strict settings for the whole suite: no implicit rank promotion."""
+"""Strict settings for the whole suite, and the shared reference module on the path.
+
+No implicit rank promotion anywhere, and strict dtype promotion (no implicit mixing of
+float32 with bfloat16, or of floats with integer arrays) for jaxbce's own code. Tests
+that run optax or flax training, which promote implicitly, are marked
+``standard_promotion``.
+"""
+
+import sys
+from pathlib import Path
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# tests/reference.py, imported as ``reference`` (pytest runs with --import-mode=importlib)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "standard_promotion: runs third-party code (optax, flax) that promotes dtypes"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+    if request.node.get_closest_marker("standard_promotion"):
+        with jax.numpy_dtype_promotion("standard"):
+            yield
+    else:
+        yield

@@ -45,14 +45,15 @@ import functools
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
-import mpmath
 import numpy as np
 import pytest
+import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxbce
 from jaxbce import _core
+from jaxbce import _elementwise as ew
 
 SEED = 20261122
 N = 4000
@@ -77,48 +78,10 @@ def _logits(lo, hi, seed_offset=0, dtype=np.float32):
     return _log_uniform(np.random.default_rng(SEED + seed_offset), lo, hi, N, dtype)
 
 
-def _ulp(got, true, dtype=np.float32):
-    """|got - true| in units of the spacing of ``true`` rounded to ``dtype``."""
-    got = np.asarray(got, np.float64)
-    spacing = np.spacing(np.abs(true).astype(dtype)).astype(np.float64)
-    return np.abs(got - true) / spacing
-
-
-def _normal(true, dtype=np.float32):
-    return (np.abs(true) >= np.finfo(dtype).tiny) & (np.abs(true) <= np.finfo(dtype).max)
-
-
-def _softplus64(z):
-    """max(z, 0) + log1p(exp(-|z|)) in float64: both terms >= 0, exact at +-inf."""
-    z = np.asarray(z, np.float64)
-    return np.maximum(z, 0.0) + np.log1p(np.exp(-np.abs(z)))
-
-
-def _sigmoids64(z):
-    """sigmoid(z) and sigmoid(-z) in float64 from one exp(-|z|), no cancellation."""
-    z = np.asarray(z, np.float64)
-    e = np.exp(-np.abs(z))
-    r = 1.0 / (1.0 + e)
-    return np.where(z >= 0, r, e * r), np.where(z >= 0, e * r, r)
-
-
-def _times(c, x):
-    """c * x with 0 * inf = 0: a hard label's unused term is absent."""
-    with np.errstate(invalid="ignore"):
-        return np.where(c == 0, 0.0, c * x)
-
-
-def _ref_loss(z, y, pw=1.0):
-    y = np.float64(y)
-    return _times(1 - y, _softplus64(z)) + _times(pw * y, _softplus64(-np.asarray(z)))
-
-
-def _ref_grad(z, y, pw=1.0):
-    """The gradient w.r.t. z and the size of its two terms."""
-    y = np.float64(y)
-    s_pos, s_neg = _sigmoids64(z)
-    a, b = (1 - y) * s_pos, pw * y * s_neg
-    return a - b, a + b
+_ulp = reference.ulp
+_normal = reference.normal
+_ref_loss = reference.bce
+_ref_grad = reference.bce_grad
 
 
 @functools.cache
@@ -192,18 +155,13 @@ def _worst(err, z):
 # ------------------------------------------------------------ reference validation
 
 
-@mpmath.workdps(40)
 def test_float64_reference_agrees_with_mpmath():
     z = np.concatenate([Z_LOSS[:150], Z_GRAD[:150], np.float32([0.0, 1e-8, -88.0, 88.0])])
     for y, pw in ((0.0, 1.0), (1.0, 1.0), (0.3, 1.0), (0.999, 3.0)):
         y = np.float32(y)
         loss, (grad, size) = _ref_loss(z, y, pw), _ref_grad(z, y, pw)
         for i, zi in enumerate(z):
-            m, my = mpmath.mpf(float(zi)), mpmath.mpf(float(y))
-            sp_pos, sp_neg = mpmath.log1p(mpmath.exp(m)), mpmath.log1p(mpmath.exp(-m))
-            want_loss = (1 - my) * sp_pos + pw * my * sp_neg
-            sig_pos, sig_neg = 1 / (1 + mpmath.exp(-m)), 1 / (1 + mpmath.exp(m))
-            want_grad = (1 - my) * sig_pos - pw * my * sig_neg
+            want_loss, want_grad, _ = reference.bce_mpmath(zi, y, pw)
             # Below float64's range the reference is 0 (only compared where float32 is normal).
             assert abs(loss[i] - want_loss) <= 1e-14 * want_loss + 1e-300, (zi, y)
             assert abs(grad[i] - want_grad) <= 1e-14 * size[i] + 1e-300, (zi, y)
@@ -353,7 +311,6 @@ N64 = 600
 
 
 @functools.cache
-@mpmath.workdps(40)
 def _float64_errors(y):
     """jaxbce on float64 logits vs mpmath (40 digits): ulp of the loss and the gradient,
     and the gradient's error in float64 eps of its terms' size, as exact as mpmath's.
@@ -375,15 +332,9 @@ def _float64_errors(y):
         (grad,) = vjp(jnp.ones_like(loss))
         assert loss.dtype == grad.dtype == jnp.float64
     info = np.finfo(np.float64)
-    my = mpmath.mpf(y)
     loss_ulp, grad_ulp, grad_eps = [], [], []
     for zi, li, gi in zip(z, np.asarray(loss), np.asarray(grad), strict=True):
-        m = mpmath.mpf(float(zi))
-        sig_pos, sig_neg = 1 / (1 + mpmath.exp(-m)), 1 / (1 + mpmath.exp(m))
-        sp_pos, sp_neg = mpmath.log1p(mpmath.exp(m)), mpmath.log1p(mpmath.exp(-m))
-        true_loss = (1 - my) * sp_pos + my * sp_neg
-        true_grad = (1 - my) * sig_pos - my * sig_neg
-        size = (1 - my) * sig_pos + my * sig_neg
+        true_loss, true_grad, size = reference.bce_mpmath(zi, y)
         for true, got, out in ((true_loss, li, loss_ulp), (true_grad, gi, grad_ulp)):
             if info.tiny <= abs(true) <= info.max:
                 out.append(float(abs(got - true) / np.spacing(abs(float(true)))))
@@ -473,20 +424,8 @@ def test_binary_cross_entropy_on_probabilities(y):
 #   0/1 labels: 0 ulp (bitwise equal on CPU, where both use _loss_cpu/_grad_cpu)  [3 ulp]
 
 
-GPU_FORMS = {
-    "hard": (_core._loss_hard, _core._grad_hard),
-    "fused": (_core._loss_fused, _core._grad_fused),
-    # The kernels for 16-bit logits: log1p from jaxbce's polynomial (_log1p_unit), and
-    # 1 / (1 + e) as rsqrt(1 + e)**2 (_recip_unit).
-    "hard-narrow": (
-        functools.partial(_core._loss_hard, log1p=_core._log1p_unit),
-        functools.partial(_core._grad_hard, recip=_core._recip_unit),
-    ),
-    "fused-narrow": (
-        functools.partial(_core._loss_fused, log1p=_core._log1p_unit, relus=_core._relus_max),
-        functools.partial(_core._grad_fused, recip=_core._recip_unit),
-    ),
-}
+# The GPU/TPU formulations of the kernels, from the table the kernels are made from.
+GPU_FORMS = {f.name: (f.loss, f.grad) for f in _core.FORMULATIONS.values()}
 
 
 @functools.cache
@@ -564,7 +503,7 @@ def test_hard_loss_formula_is_accurate_op_by_op(y, pw):
     z = jnp.asarray(Z_LOSS)
     yy = jnp.full(z.shape, np.float32(y))
     pww = None if pw is None else jnp.full(z.shape, pw, jnp.float32)
-    got = np.asarray(_core._loss_hard(z, yy, pww), np.float64)
+    got = np.asarray(GPU_FORMS["hard"][0](z, yy, pww), np.float64)
     true = _ref_loss(Z_LOSS, np.float32(y), 1.0 if pw is None else pw)
     unweighted = None if pw is None else _ref_loss(Z_LOSS, np.float32(y), 1.0)
     ulp, count = _normal_ulp(got, true, unweighted)
@@ -752,14 +691,14 @@ def test_log1p_unit_within_2_2_ulp_on_the_unit_interval():
             [1.0, np.nextafter(np.float32(1), np.float32(0)), F32.tiny, 2.0**-24],
         ]
     ).astype(np.float32)
-    got = np.asarray(jax.jit(_core._log1p_unit)(jnp.asarray(x)), np.float64)
+    got = np.asarray(jax.jit(ew.log1p_unit)(jnp.asarray(x)), np.float64)
     true = np.log1p(x.astype(np.float64))
     ulp = _ulp(got, true)
     assert ulp.max() <= 2.2, _worst(ulp, x)
-    np.testing.assert_array_equal(_core._log1p_unit(jnp.array([0.0, np.nan])), [0.0, np.nan])
+    np.testing.assert_array_equal(ew.log1p_unit(jnp.array([0.0, np.nan])), [0.0, np.nan])
 
 
 def test_log1p_unit_keeps_float64_exact_with_xla_log1p():
     with jax.enable_x64(True):
         x = jnp.linspace(0.0, 1.0, 101, dtype=jnp.float64)
-        np.testing.assert_array_equal(_core._log1p_unit(x), jnp.log1p(x))
+        np.testing.assert_array_equal(ew.log1p_unit(x), jnp.log1p(x))

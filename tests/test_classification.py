@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,22 +20,7 @@ import jaxbce
 bce = jaxbce.binary_cross_entropy_with_logits
 
 
-def ref_bce(z, y, *, w=None, pw=None, eps=0.0, mask=None, axis=None, reduction="mean"):
-    """Plain float64 numpy reference for every option."""
-    z = np.asarray(z, np.float64)
-    y = np.asarray(y, np.float64) * (1 - eps) + eps / 2
-    pw = 1.0 if pw is None else np.asarray(pw, np.float64)
-    loss = (1 - y) * np.logaddexp(0, z) + pw * y * np.logaddexp(0, -z)
-    w = np.ones_like(z) if w is None else np.broadcast_to(np.asarray(w, np.float64), z.shape)
-    m = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
-    loss = np.where(m, loss * w, 0.0)
-    if reduction == "none":
-        return loss
-    total = loss.sum(axis=axis)
-    if reduction == "sum":
-        return total
-    den = m.sum(axis=axis) if reduction == "mean" else np.where(m, w, 0).sum(axis=axis)
-    return total / np.where(den == 0, 1, den)
+ref_bce = reference.bce_reduced
 
 
 def rng_inputs(shape, seed=0, soft=True):
@@ -178,15 +164,31 @@ class TestValues:
 
 class TestDtypes:
     @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
-    def test_output_and_gradient_dtype_follow_logits(self, dtype):
+    def test_none_and_gradient_keep_the_logits_dtype_reductions_are_float32(self, dtype):
         z, y = rng_inputs((64,), seed=9)
         zl = jnp.asarray(z).astype(dtype)
-        for reduction in ["none", "mean"]:
-            assert bce(zl, y, reduction=reduction).dtype == dtype
+        assert bce(zl, y, reduction="none").dtype == dtype
+        for kw in [{}, dict(reduction="sum"), dict(axis=-1), dict(reduction="weighted_mean")]:
+            assert bce(zl, y, **kw).dtype == jnp.float32, kw
         assert jax.grad(bce)(zl, y).dtype == dtype
-        # arithmetic runs in float32: the mean is the float32 mean rounded once
+        # arithmetic and the mean run in float32, on the logits' values
         want = ref_bce(np.asarray(zl.astype(jnp.float32)), y)
-        np.testing.assert_allclose(np.float64(bce(zl, y)), want, rtol=float(jnp.finfo(dtype).eps))
+        np.testing.assert_allclose(bce(zl, y), want, rtol=1e-6)
+
+    @pytest.mark.parametrize("fn", ["dense", "sparse", "focal"])
+    def test_float16_sum_beyond_float16_range_is_finite(self, fn):
+        """100,000 losses of 3.05 sum to 305,000 > 65504, the largest float16."""
+        z = jnp.full((100, 1000), 3.0, jnp.float16)
+        y = jnp.zeros((100, 1000), jnp.bool_)
+        if fn == "dense":
+            got = bce(z, y, reduction="sum")
+        elif fn == "sparse":
+            idx = jnp.full((100, 1), -1)
+            got = jaxbce.sparse_binary_cross_entropy_with_logits(z, idx, reduction="sum")
+        else:
+            got = jaxbce.sigmoid_focal_loss(z, y, alpha=None, gamma=0.0, reduction="sum")
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, 1e5 * np.logaddexp(0, 3.0), rtol=1e-5)
 
     def test_float64_logits_stay_float64(self):
         with jax.enable_x64(True):
@@ -308,6 +310,7 @@ class TestTransforms:
             z, y = rng_inputs((32,), seed=seed)
             step(z, y)
 
+    @pytest.mark.standard_promotion
     def test_inside_a_jitted_optax_step(self):
         r = np.random.default_rng(12)
         x = r.standard_normal((64, 3)).astype(np.float32)

@@ -4,7 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.test_util import check_grads
+from reference import f64
+from reference import sigmoid as sigmoid64
+from reference import softplus as softplus64
 
 import jaxbce
 from jaxbce import _core
@@ -12,18 +16,6 @@ from jaxbce import _core
 Z = jnp.array([-30.0, -4.0, -0.7, 0.0, 0.3, 2.5, 12.0, 40.0])
 Y = jnp.array([0.0, 1.0, 0.3, 1.0, 0.0, 0.8, 1.0, 0.0])
 PW = jnp.array([0.5, 2.0, 3.0, 1.0, 4.0, 0.7, 2.0, 1.5])
-
-
-def f64(x):
-    return np.asarray(x, np.float64)
-
-
-def softplus64(x):
-    return np.logaddexp(0.0, f64(x))
-
-
-def sigmoid64(x):
-    return 1.0 / (1.0 + np.exp(-f64(x)))
 
 
 def test_custom_rule_is_in_the_jaxpr():
@@ -117,36 +109,41 @@ def test_bce_on_probs_rule():
     )
 
 
-@pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("narrow", [False, True])
-def test_kernel_for_picks_by_labels_and_logits_width(hard, narrow):
-    want = {
-        (False, False): _core.bce_with_logits,
-        (True, False): _core.bce_with_logits_hard,
-        (False, True): _core.bce_with_logits_narrow,
-        (True, True): _core.bce_with_logits_hard_narrow,
-    }[hard, narrow]
-    assert _core.kernel_for(hard, narrow) is want
+@pytest.mark.parametrize("key", list(_core.FORMULATIONS))
+def test_every_table_entry_has_its_kernel(key):
+    """kernel_for picks the kernel made from the table entry of its (hard, narrow)."""
+    hard, narrow = key
+    kernel = _core.kernel_for(hard, narrow)
+    assert kernel is _core.KERNELS[key]
+    assert kernel.__name__ == "bce_" + _core.FORMULATIONS[key].name.replace("-", "_")
+    # Lowered for a GPU, the kernel's value_and_grad holds the formulation's ops: the
+    # polynomial log1p (no log-plus-one) and rsqrt for 16-bit logits only.
+    z = jnp.linspace(-5.0, 5.0, 64)
+    y = jnp.ones(64) if hard else jnp.full(64, 0.3)
+    f = jax.value_and_grad(lambda z: jnp.sum(kernel(z, y, None)))
+    text = jax.jit(f).trace(z).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("log_plus_one" in text) is not narrow
+    assert ("rsqrt" in text) is narrow
 
 
-@pytest.mark.parametrize(
-    "kernel", [_core.bce_with_logits_narrow, _core.bce_with_logits_hard_narrow]
-)
-def test_narrow_kernels_match_the_float32_ones_on_cpu(kernel):
-    """On CPU every kernel is the CPU formulation: identical values and derivatives.
-    (Pinned to the CPU: on a GPU the kernels differ, tests/test_accuracy.py.)"""
+@pytest.mark.parametrize("key", list(_core.KERNELS))
+def test_every_kernel_is_the_cpu_formulation_on_cpu(key):
+    """On CPU every kernel computes the CPU formulation: identical values and derivatives
+    for hard labels. (Pinned to the CPU: on a GPU the kernels differ, test_accuracy.py.)"""
+    kernel = _core.KERNELS[key]
     cpu = jax.local_devices(backend="cpu")[0]
     z = jax.device_put(np.random.default_rng(3).normal(0, 4, 256).astype(np.float32), cpu)
     y = jax.device_put((np.arange(256) % 3 == 0).astype(np.float32), cpu)
-    ref = _core.bce_with_logits_hard if kernel is _core.bce_with_logits_hard_narrow else None
-    ref = ref or _core.bce_with_logits
     for pw in (None, jax.device_put(np.full(256, 2.5, np.float32), cpu)):
         f = jax.jit(
             jax.value_and_grad(lambda z, k, pw=pw: jnp.sum(k(z, y, pw)), argnums=0),
             static_argnums=1,
         )
         v, g = f(z, kernel)
-        v0, g0 = f(z, ref)
+        v0, g0 = f(z, _core.bce_with_logits)
         assert g.devices() == {cpu}
         np.testing.assert_array_equal(v, v0)
         np.testing.assert_array_equal(g, g0)
+        np.testing.assert_allclose(
+            v, np.sum(reference.bce(z, y, 1.0 if pw is None else 2.5)), rtol=1e-6
+        )

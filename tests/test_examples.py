@@ -10,8 +10,11 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.standard_promotion
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -125,7 +128,8 @@ def test_cli_flags(tmp_path, capsys):
 def main_job(tmp_path_factory):
     """The main job: both trainers with default settings and the stability picture."""
     out = tmp_path_factory.mktemp("main")
-    return examples_main.main(["--out", str(out), "--quiet"]), out
+    with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
+        return examples_main.main(["--out", str(out), "--quiet"]), out
 
 
 @pytest.mark.slow

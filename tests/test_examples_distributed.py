@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -27,7 +28,8 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def single_device():
-    return binary_classifier.train_and_evaluate(binary_classifier.Config(quiet=True, **SHORT))
+    with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
+        return binary_classifier.train_and_evaluate(binary_classifier.Config(quiet=True, **SHORT))
 
 
 def run_env(**extra):

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.standard_promotion
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 

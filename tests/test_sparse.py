@@ -21,7 +21,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import jaxbce
-from jaxbce._sparse import check_positive_indices, sparse_binary_cross_entropy_with_logits
+from jaxbce import check_positive_indices, sparse_binary_cross_entropy_with_logits
 
 sparse_bce = sparse_binary_cross_entropy_with_logits
 dense_bce = jaxbce.binary_cross_entropy_with_logits
@@ -175,9 +175,13 @@ class TestEqualsDense:
         z, idx, *_ = problem()
         zb = jnp.asarray(z, jnp.bfloat16)
         got = sparse_bce(zb, idx, reduction="sum")
-        assert got.dtype == jnp.bfloat16
+        assert got.dtype == jnp.float32  # reduced in float32, as the dense loss
         want = dense_bce(zb, to_dense(idx, C), reduction="sum")
-        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-2)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        none = sparse_bce(zb, idx, reduction="none")
+        assert none.dtype == jnp.bfloat16
+        g = jax.grad(sparse_bce)(zb, idx)
+        assert g.dtype == jnp.bfloat16
 
 
 class TestDerivatives:

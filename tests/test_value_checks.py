@@ -1,4 +1,4 @@
-"""Tests of the opt-in value checks in jaxbce/_validation.py."""
+"""Tests of the opt-in value checks in jaxbce/_value_checks.py."""
 
 import re
 
