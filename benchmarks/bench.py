@@ -4,6 +4,7 @@ copy of the same bytes (the memory-bandwidth limit of a memory-bound loss).
     python -m benchmarks.bench --quick              # CPU: a few minutes
     python -m benchmarks.bench --gpu --out DIR      # one GPU: 2^16 .. 2^28 elements
     python -m benchmarks.bench --sparse-only        # only the sparse targets
+    python -m benchmarks.bench --gpu --check        # the guard: exits 1 below a target
 
 Times the jitted ``value_and_grad`` of the mean loss w.r.t. the logits ("vg") and the
 loss alone ("fwd"), for logits {f32, bf16} x labels {f32, bool, int8}, with and without
@@ -339,7 +340,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sparse", default=None, help="sparse shapes log2(B*C):C:K, e.g. 22:65536:32,28:4096:32"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="the guard: only the tables (no sweep, sparse or train step), then exit 1 "
+        "if a target is missed or a compiled loss holds N-sized temporaries",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        args.no_sweep = args.no_train_step = args.no_sparse = True
 
     name = "gpu" if args.gpu else "full" if args.full else "quick"
     cfg = dict(PRESETS[name])
@@ -478,6 +487,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["sparse"] = sparse
     paths = report.write(result, out)
     _progress(f"done in {meta['seconds']} s: " + ", ".join(paths.values()))
+    if args.check:
+        missed = [(w, v) for w, v, met in report.check(result) if met is False]
+        print(f"{meta['device']}, jax {meta['jax']}, jaxlib {meta['jaxlib']}, {meta['date']}")
+        for what, value, met in report.check(result):
+            print(f"  {'-' if met is None else 'ok' if met else 'MISSED'}: {what}: {value}")
+        bad = [r["case"] for r in records if r["impl"] == "jaxbce" and not r["verify"]["ok"]]
+        if missed or bad:
+            print(f"check FAILED: {len(missed)} target(s) missed, jaxbce wrong on {bad}")
+            sys.exit(1)
+        print("check passed")
     return result
 
 

@@ -2,26 +2,26 @@
 kernel runs at the copy limit. One size, every dtype pair, several formulations side by
 side, each checked against jaxbce's own result and its compiled HLO saved.
 
-    python -m benchmarks.formulations --log2n 28 --out DIR      # on a GPU
+    python -m experiments.formulations --log2n 28 --out DIR      # on a GPU
 
 Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise):
 
 - ``current``: ``jaxbce.binary_cross_entropy_with_logits`` as shipped.
-- ``gen-L-R`` (float labels) and ``hard-L-R`` (bool/int labels): jaxbce's GPU kernel for
-  those labels with ``log1p`` from XLA (``L = xla``) or jaxbce's polynomial (``poly``,
-  ``_core._log1p_unit``), summed over rows of ``R`` elements, then the row sums.
+- ``NAME-R``: the kernel made (``_core.make_kernel``) from the GPU formulation ``NAME`` of
+  jaxbce's table (``_core.FORMULATIONS``: ``fused``, ``fused-narrow`` for float labels,
+  ``hard``, ``hard-narrow`` for bool/int labels), summed over rows of ``R`` elements, then
+  the row sums.
 - ``lean-V-S`` (bool/int labels): the hard kernel for 16-bit logits written in other
-  ways (``V``, :data:`LEAN`): ``div`` divides for ``1/(1+e)``, ``rsq`` takes it from
-  ``rsqrt`` squared and a Newton step, ``rsq0`` from ``rsqrt`` squared alone (what
-  jaxbce ships), ``sign`` folds the label's sign into the cotangent, ``qD`` uses a
-  ``log1p`` polynomial of lower degree ``D``; summed as ``S`` (:data:`LAYOUTS`): rows of
-  ``R`` elements (``rows-R``), the columns of ``[N / C, C]`` (``cols-C``) or the ``C``
-  rows of ``[C, N / C]`` (``tcols-C``), then those sums.
+  ways (``V``, :data:`LEAN`, built here from ``_elementwise``): ``div`` divides for
+  ``1/(1+e)``, ``rsq`` takes it from ``rsqrt`` squared and a Newton step, ``rsq0`` from
+  ``rsqrt`` squared alone (what jaxbce ships), ``sign`` folds the label's sign into the
+  cotangent, ``qD`` uses a ``log1p`` polynomial of lower degree ``D``; summed as ``S``
+  (:data:`LAYOUTS`): rows of ``R`` elements (``rows-R``), the columns of ``[N / C, C]``
+  (``cols-C``) or the ``C`` rows of ``[C, N / C]`` (``tcols-C``), then those sums.
 - ``fwd-S`` (forward only, the loss value): jaxbce's 16-bit kernel summed as ``S``
   (:data:`FWD_LAYOUTS`), ``fwd-current`` the public function, ``fwd-optax`` optax's
-  loss. With float labels also ``fwd-F`` and ``vg-F``: the loss written as ``F`` =
-  ``xla`` (the float32 kernel), ``cpuform`` (the CPU formulation) or ``max`` (
-  ``max(+-z, 0)`` as maxima, with the gradient's division), forward and value_and_grad.
+  loss. With float labels also ``fwd-cpuform`` and ``vg-cpuform``: the CPU loss with the
+  GPU gradient.
 - ``grad-only``: only the gradient (the loss value discarded, so XLA drops it): the
   element-wise part alone, in a loop fusion. ``nomath-512``: the reduction with the
   gradient as a side output and almost no math.
@@ -32,12 +32,10 @@ Formulations (value_and_grad of the mean w.r.t. the logits unless said otherwise
 ``--accuracy`` measures each kernel's ulp error on this device against float64, and over
 every finite bfloat16 and float16 logit how many of its results, rounded to that dtype,
 miss the correctly rounded value; ``--only REGEX`` restricts the variants;
-``benchmarks/probe_gpu.sh`` runs this and Nsight Compute in one device call. (In
-``results/gpu/formulations/run5-*.log``, ``poly`` was a 12-multiply-add polynomial, 1.31
-ulp, ``p9`` today's ``poly``, and the ``lean`` variants still had the two-select loss of
-the hard kernel. ``run6-recip-exp.log`` has two variants since removed: ``fexp16``, an
-``exp`` with an accuracy tolerance of 2**-16, for which XLA emitted the same code, and
-``rexp``, ``1/(1+e)`` as ``exp(-log1p(e))``, which XLA split into two kernels.)
+``experiments/probe_gpu.sh`` runs this and Nsight Compute in one device call. The logs in
+``experiments/results/gpu-formulations/`` come from earlier versions of this probe, whose
+variant names differ (``gen-xla``/``gen-poly``, ``hard-xla``/``hard-poly``: the table's
+formulations with XLA's or jaxbce's ``log1p``).
 
 Writes ``formulations.json`` and ``hlo.tar.gz`` (every variant's optimized HLO) to
 ``--out``.
@@ -62,14 +60,15 @@ import numpy as np  # noqa: E402
 
 import jaxbce  # noqa: E402
 from benchmarks import bench, hlo, impls  # noqa: E402
-from jaxbce import _common, _core  # noqa: E402
+from jaxbce import _core, _prepare, _reduce  # noqa: E402
+from jaxbce import _elementwise as ew  # noqa: E402
 
 ROWS = (512, 1024, 4096)
 
 
 def _rows_sum(size: int):
-    """jaxbce's two-stage sum (``_common.sum_all``) over rows of ``size`` elements."""
-    return functools.partial(_common.sum_all, rows=size)
+    """jaxbce's two-stage sum (``_reduce.sum_all``) over rows of ``size`` elements."""
+    return functools.partial(_reduce.sum_all, rows=size)
 
 
 def _cols_sum(shape: tuple[int, int]):
@@ -94,39 +93,14 @@ def _sum_for(layout: str):
     return _cols_sum((-1, size) if kind == "cols" else (size, -1))
 
 
-def _gpu_kernel(loss, grad, log1p):
-    """jaxbce's GPU kernel ``loss``/``grad`` (``_core._loss_fused``/``_grad_fused`` for
-    float labels, ``_loss_hard``/``_grad_hard`` for bool/int ones) with the given
-    ``log1p`` (``jnp.log1p``: XLA's library call; ``_core._log1p_unit``: jaxbce's)."""
-
-    @jax.custom_jvp
-    def kernel(z, y):
-        return loss(z, y, None, log1p)
-
-    @kernel.defjvp
-    def _kernel_jvp(primals, tangents):
-        z, y = primals
-        return kernel(z, y), grad(z, y, None) * tangents[0]
-
-    return kernel
+def _table_kernel(name: str):
+    """The kernel of the table's GPU formulation ``name`` (on the GPU; the CPU one on CPU)."""
+    form = next(f for f in _core.FORMULATIONS.values() if f.name == name)
+    return _core.make_kernel(form)
 
 
-def _loss_max(z, y, pw, log1p):
-    """``_core._loss_fused`` with ``max(z, 0)`` and ``max(-z, 0)`` rather than selects."""
-    e = jnp.exp(_core._neg_abs(z))
-    lg = log1p(e)
-    a, b = _core._coefficients(y, pw)
-    base = lg if pw is None else (a + b) * lg
-    zero = jnp.zeros((), z.dtype)
-    return base + _core._times(a, jnp.maximum(z, zero)) + _core._times(b, jnp.maximum(-z, zero))
-
-
-def _general(log1p):
-    return _gpu_kernel(_core._loss_fused, _core._grad_fused, log1p)
-
-
-def _hard(log1p):
-    return _gpu_kernel(_core._loss_hard, _core._grad_hard, log1p)
+def _without_pw(kernel):
+    return lambda z, y: kernel(z, y, None)
 
 
 def _recip_rsqrt(u, newton=True):
@@ -142,7 +116,7 @@ def _exp(x, rtol):
 
 
 # Coefficients of q in log1p(x) = x + x**2 q(x) on [0, 1] of lower degree than jaxbce's
-# (degree 7), fitted by scripts/fit_log1p.py: largest relative errors without fused
+# (degree 7), fitted by experiments/fit_log1p.py: largest relative errors without fused
 # multiply-adds 3.3e-7 (degree 6), 1.5e-6 (5), 9.8e-6 (4).
 _Q = {
     6: (
@@ -175,8 +149,16 @@ _Q = {
 def _log1p_q(degree: int):
     """``log1p(x)`` on [0, 1] as ``x + x**2 q(x)`` with ``q`` of ``degree`` (7: jaxbce's)."""
     if degree == 7:
-        return _core._log1p_unit
-    return functools.partial(_core._log1p_unit, q=_Q[degree])
+        return ew.log1p_unit
+    q = _Q[degree]
+
+    def log1p(x):
+        p = jnp.full((), q[-1], x.dtype)
+        for c in q[-2::-1]:
+            p = p * x + c
+        return x + (x * x) * p
+
+    return log1p
 
 
 def _hard_lean(sign=False, recip="div", exp_rtol=None, q=7):
@@ -192,7 +174,7 @@ def _hard_lean(sign=False, recip="div", exp_rtol=None, q=7):
     def parts(z, y):
         pos = y != 0
         wrong = pos != (z >= 0)
-        e = _exp(_core._neg_abs(z), exp_rtol)
+        e = _exp(ew.neg_abs(z), exp_rtol)
         return pos, wrong, e, log1p(e)
 
     @jax.custom_jvp
@@ -245,8 +227,6 @@ LAYOUTS = (
     "tcols-512",
 )
 
-LOG1P = {"xla": jnp.log1p, "poly": _core._log1p_unit}
-
 
 def variants(labels: str = "bool") -> dict:
     """name -> function of (logits, labels); each jitted function is named probe_<name>.
@@ -260,17 +240,17 @@ def variants(labels: str = "bool") -> dict:
 
     out = {"current": jax.value_and_grad(current)}
     hard_labels = labels != "f32"
-    kind = "hard" if hard_labels else "gen"
-    for name, log1p in LOG1P.items():
-        kernel = (_hard if hard_labels else _general)(log1p)
+    names = [f.name for (hard, _), f in _core.FORMULATIONS.items() if hard == hard_labels]
+    for name in names:
+        kernel = _table_kernel(name)
         for size in ROWS:
             total = _rows_sum(size)
 
             def f(z, y, total=total, kernel=kernel):
                 yy = y if hard_labels else y.astype(jnp.float32)
-                return (total(kernel(z.astype(jnp.float32), yy)) / z.size).astype(z.dtype)
+                return (total(kernel(z.astype(jnp.float32), yy, None)) / z.size).astype(z.dtype)
 
-            out[f"{kind}-{name}-{size}"] = jax.value_and_grad(f)
+            out[f"{name}-{size}"] = jax.value_and_grad(f)
     if hard_labels:
         for name, kw in LEAN.items():
             kernel = _hard_lean(**kw)
@@ -281,10 +261,12 @@ def variants(labels: str = "bool") -> dict:
                     return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
 
                 out[f"lean-{name}-{layout}"] = jax.value_and_grad(h)
-    kernel = (_hard if hard_labels else _general)(LOG1P["poly"])
+    kernel = _core.kernel_for(hard_labels, narrow=True)
     out["grad-only"] = jax.grad(
         lambda z, y: (
-            jnp.sum(kernel(z.astype(jnp.float32), y if hard_labels else y.astype(jnp.float32)))
+            jnp.sum(
+                kernel(z.astype(jnp.float32), y if hard_labels else y.astype(jnp.float32), None)
+            )
             / z.size
         ).astype(z.dtype)
     )
@@ -297,7 +279,7 @@ def variants(labels: str = "bool") -> dict:
     out["nomath-512"] = jax.value_and_grad(g)
     # Forward only (the loss value): jaxbce, its kernel summed in other ways, and optax.
     out["fwd-current"] = current
-    fwd_kernel = _core.kernel_for(hard_labels, _common.is_narrow(jnp.bfloat16))
+    fwd_kernel = _core.kernel_for(hard_labels, _prepare.is_narrow(jnp.bfloat16))
     for layout in FWD_LAYOUTS:
         total = jnp.sum if layout == "sum" else _sum_for(layout)
 
@@ -307,22 +289,16 @@ def variants(labels: str = "bool") -> dict:
 
         out[f"fwd-{layout}"] = fwd
     out["fwd-optax"] = functools.partial(impls.optax_loss("none"), aux=None)
-    if not hard_labels:  # the float-label loss written other ways, forward and with grad
-        forms = {
-            "xla": lambda z, y: _core.bce_with_logits(z, y, None),
-            "cpuform": _gpu_kernel(
-                lambda z, y, pw, log1p: _core._loss_cpu(z, y, pw), _core._grad_fused, None
-            ),
-            "max": _gpu_kernel(_loss_max, _core._grad_fused, _core._log1p_unit),
-        }
-        for fname, kernel in forms.items():
+    if not hard_labels:  # the CPU loss with the GPU gradient, forward and with grad
+        fused = _core.FORMULATIONS[False, False]
+        kernel = _core.make_kernel(_core.Formulation("cpuform", _core.CPU.loss, fused.grad))
 
-            def loss_of(z, y, kernel=kernel):
-                total = _rows_sum(_common.SUM_ROWS_NARROW)
-                return (total(kernel(z.astype(jnp.float32), y)) / z.size).astype(z.dtype)
+        def loss_of(z, y, kernel=kernel):
+            total = _rows_sum(_reduce.SUM_ROWS_NARROW)
+            return (total(kernel(z.astype(jnp.float32), y, None)) / z.size).astype(z.dtype)
 
-            out[f"fwd-{fname}"] = loss_of
-            out[f"vg-{fname}"] = jax.value_and_grad(loss_of)
+        out["fwd-cpuform"] = loss_of
+        out["vg-cpuform"] = jax.value_and_grad(loss_of)
     out["copy"] = lambda z, y: z + y.astype(z.dtype)
     for name, fn in out.items():
         out[name] = functools.wraps(fn)(lambda *a, fn=fn: fn(*a))
@@ -357,12 +333,15 @@ def accuracy(n: int = 1 << 20, seed: int = 0) -> dict:
         yd = y.astype(np.float64)
         loss_true = (1 - yd) * softplus(zd) + yd * softplus(-zd)
         grad_true = (1 - yd) * sigmoid(zd) - yd * sigmoid(-zd)
-        kernels = {f"gen-{k}": _general(f) for k, f in LOG1P.items()}
+        kernels = {
+            f.name: _without_pw(_core.make_kernel(f))
+            for (hard, _), f in _core.FORMULATIONS.items()
+            if label in (0.0, 1.0) or not hard
+        }
         if label in (0.0, 1.0):
-            kernels |= {f"hard-{k}": _hard(f) for k, f in LOG1P.items()}
             kernels |= {f"lean-{k}": _hard_lean(**kw) for k, kw in LEAN.items()}
         for name, kernel in kernels.items():
-            yy = jnp.asarray(y != 0) if name.startswith("hard") else jnp.asarray(y)
+            yy = jnp.asarray(y != 0) if name.startswith(("hard", "lean")) else jnp.asarray(y)
             loss, grad = jax.jit(
                 lambda z, y, kernel=kernel: jax.jvp(
                     lambda z: kernel(z, y), (z,), (jnp.ones_like(z),)
@@ -407,9 +386,11 @@ def accuracy_16bit(dtype: str = "bf16") -> dict:
     zb = zb[np.isfinite(zb.astype(np.float32))]
     zd = zb.astype(np.float64)
     out = {}
-    kernels = {"hard-xla": _hard(LOG1P["xla"])} | {
-        f"lean-{k}": _hard_lean(**kw) for k, kw in LEAN.items()
-    }
+    kernels = {
+        f.name: _without_pw(_core.make_kernel(f))
+        for (hard, _), f in _core.FORMULATIONS.items()
+        if hard
+    } | {f"lean-{k}": _hard_lean(**kw) for k, kw in LEAN.items()}
     for label in (0, 1):
         t = zd if label == 0 else -zd
         with np.errstate(over="ignore", invalid="ignore"):
@@ -523,7 +504,8 @@ def main() -> None:
         for name, s in t.items():
             ms = float(np.median(s) * 1e3)
             nbytes = n * (
-                per + (0 if name == "fwd" else np.dtype(impls.LOGIT_DTYPES[logits]).itemsize)
+                per
+                + (0 if name.startswith("fwd") else np.dtype(impls.LOGIT_DTYPES[logits]).itemsize)
             )
             case[name] = {
                 "ms": ms,

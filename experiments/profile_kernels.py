@@ -2,10 +2,10 @@
 kernels execute (instructions per element, issue utilisation, DRAM throughput):
 
     ncu --clock-control none --metrics smsp__inst_executed.sum,... \\
-        python -m benchmarks.profile_kernels --dtypes bf16/bool --log2n 26
+        python -m experiments.profile_kernels --dtypes bf16/bool --log2n 26
 
 Each variant runs twice (the first call may load the module); the kernels appear in
-``ncu``'s report in the order of ``benchmarks.formulations.variants``, named after the
+``ncu``'s report in the order of ``experiments.formulations.variants``, named after the
 variant in the printed order.
 """
 
@@ -15,7 +15,8 @@ import argparse
 
 import jax
 
-from benchmarks import formulations, impls
+from benchmarks import impls
+from experiments import formulations
 
 
 def main() -> None:

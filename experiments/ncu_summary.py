@@ -1,8 +1,8 @@
-"""Summarise an ``ncu --csv --page raw`` report of ``benchmarks.profile_kernels``: per
+"""Summarise an ``ncu --csv --page raw`` report of ``experiments.profile_kernels``: per
 kernel its time, instructions and special-function instructions per element, issue
 utilisation, DRAM throughput, occupancy, registers and launch shape.
 
-    python -m benchmarks.ncu_summary REPORT.csv LOG2N
+    python -m experiments.ncu_summary REPORT.csv LOG2N
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Summarise ``ncu``'s source page (SASS with counters) of the fused loss kernels, as
-written by ``benchmarks/probe_gpu.sh``: per kernel, instructions per element by opcode,
+written by ``experiments/probe_gpu.sh``: per kernel, instructions per element by opcode,
 where the warps stalled, and where each global load sits in the code (a wait right after
 a load in the middle of the code is a load phase whose latency the warp does not hide).
 
-    python -m benchmarks.sass_summary SASS.csv LOG2N [NAME_PREFIX]
+    python -m experiments.sass_summary SASS.csv LOG2N [NAME_PREFIX]
 """
 
 from __future__ import annotations
