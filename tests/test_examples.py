@@ -126,7 +126,7 @@ def test_cli_flags(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
-    """The main job: both trainers with default settings and the stability picture."""
+    """The main job: every trainer with default settings and the stability picture."""
     out = tmp_path_factory.mktemp("main")
     with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
         return examples_main.main(["--out", str(out), "--quiet"]), out
@@ -171,23 +171,40 @@ def test_main_job_stability_picture(main_job):
     assert (out / "stability" / "stability.png").stat().st_size > 0
 
 
+def test_readme_example_table_shows_what_the_main_job_prints():
+    """Every row of the README's example table is a row the main job prints."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not next to the tests (installed-only layout)")
+    section = readme.read_text().split("## Example results", 1)[1].split("\n## ", 1)[0]
+    rows = [r.split("|")[1:-1] for r in section.splitlines() if r.startswith("| ")][1:]
+    printed = {(task, row[2]) for task, row in _tasks()}
+    assert rows and {(r[0].strip(), r[1].strip()) for r in rows} <= printed, rows
+
+
+def _tasks():
+    """(task of the row, or of the row above when blank; the row) for the main job's rows."""
+    task = ""
+    for row in examples_main.ROWS:
+        task = row[1] or task
+        yield task, row
+
+
 def test_stability_table():
     text = stability.table()
     assert "inf" in text and "nan" in text
 
 
 @pytest.mark.slow
-def test_multilabel_with_30_percent_missing_labels_dense_and_sparse_targets():
-    results = {}
-    for sparse in (False, True):
-        config = multilabel_classifier.Config(
-            missing_fraction=0.3, sparse_targets=sparse, quiet=True
-        )
-        results[sparse] = m = multilabel_classifier.train_and_evaluate(config)
+def test_multilabel_with_30_percent_missing_labels_dense_and_sparse_targets(main_job):
+    dense = main_job[0]["multilabel_missing"]
+    config = multilabel_classifier.Config(missing_fraction=0.3, sparse_targets=True, quiet=True)
+    sparse = multilabel_classifier.train_and_evaluate(config)
+    for m in (dense, sparse):
         assert m["micro_f1"] >= 0.95
         assert m["missing_fraction"] == 0.3
     # the same loss from positive indices: the same training, up to float rounding
-    assert abs(results[True]["micro_f1"] - results[False]["micro_f1"]) <= 0.01
+    assert abs(sparse["micro_f1"] - dense["micro_f1"]) <= 0.01
 
 
 def test_sparse_targets_list_exactly_the_visible_positives():
@@ -202,8 +219,8 @@ def test_sparse_targets_list_exactly_the_visible_positives():
 
 
 @pytest.mark.slow
-def test_imbalanced_pos_weight_gains_recall():
-    m = imbalanced.train_and_evaluate(imbalanced.Config(quiet=True))
+def test_imbalanced_pos_weight_gains_recall(main_job):
+    m = main_job[0]["imbalanced"]
     assert_plain_floats(m)
     assert m["pos_weight"] > 30
     assert m["recall_gain"] == m["pos_weight_recall"] - m["unweighted_recall"]
