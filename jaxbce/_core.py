@@ -73,11 +73,12 @@ def _loss_hard(z, y, pw, *, narrow: bool):
     special case (the unused softplus is never formed). ``log1p`` must stay one op:
     ``log(u) + (e - (u - 1)) / u`` loses its correction once XLA folds ``(1 + e) - 1``.
     """
-    wrong = (y != 0) != (z >= 0)  # z on the wrong side of 0 for the label
+    pos = y != 0
+    wrong = pos != (z >= 0)  # z on the wrong side of 0 for the label
     e = jnp.exp(ew.neg_abs(z))
-    lg = ew.log1p_unit(e) if narrow else jnp.log1p(e)
-    loss = jnp.where(wrong, jnp.abs(z), jnp.zeros((), z.dtype)) + lg
-    return loss if pw is None else jnp.where(y != 0, pw * loss, loss)
+    loss = jnp.where(wrong, jnp.abs(z), jnp.zeros((), z.dtype))
+    loss = loss + (ew.log1p_unit(e) if narrow else jnp.log1p(e))
+    return loss if pw is None else jnp.where(pos, pw * loss, loss)
 
 
 def _grad_hard(z, y, pw, *, narrow: bool):
