@@ -481,7 +481,7 @@ _RAW_CASES = [
 # label 0.999 with pos_weight 3), the others stay within 3.
 MAX_ULP_NARROW = 3.5
 # Their gradient's 1 / (1 + e) is rsqrt(1 + e)**2: up to 3.8 float32 ulp here, 5.3 on an
-# H100 (benchmarks/formulations.py --accuracy), against 3.5 there with a division.
+# H100 (experiments/formulations.py --accuracy), against 3.5 there with a division.
 MAX_ULP_NARROW_GRAD = 6.0
 
 
@@ -576,7 +576,7 @@ def _ordered(bits: np.ndarray) -> np.ndarray:
 # from the correctly rounded true value (results within float32's normal range). Here
 # (XLA:CPU): bfloat16 1 loss, 0 gradients of 65280; float16 3 losses and 8 gradients
 # of 63488. On an H100, the hard-label kernel: bfloat16 0 and 0; float16 2 and 9; the
-# float32 kernel 0 and 0, 2 and 6 (benchmarks/formulations.py --accuracy); this test
+# float32 kernel 0 and 0, 2 and 6 (experiments/formulations.py --accuracy); this test
 # passed there for both kernels. Never by more than 1 ulp.
 MAX_WRONG_16BIT = {"bfloat16": 2, "float16": 12}
 
