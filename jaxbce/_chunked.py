@@ -10,6 +10,7 @@ does: ``value_and_grad`` costs three matmuls, not four.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 # The default block holds at most this many logits: with their float32 loss, gradient
 # and the block's matmul operands, a few times 8 MiB of temporaries, whatever the
@@ -92,3 +94,55 @@ def fused_vjp(value_and_grads: Callable[..., tuple[jax.Array, tuple]]) -> Callab
 def _scale(g: jax.Array, ct: jax.Array) -> jax.Array:
     """``ct * g`` in ``g``'s dtype (the gradient's dtype is its argument's)."""
     return (ct.astype(jnp.float32) * g.astype(jnp.float32)).astype(g.dtype)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    """Which arguments are differentiated, carried from ``fwd`` to ``bwd`` as static
+    pytree structure (a residual with no array leaves)."""
+
+    wanted: tuple[bool, ...]
+
+
+def recomputed_vjp(value_and_grads: Callable[..., tuple[Any, tuple]]) -> Callable[..., Any]:
+    """A function of any output shape whose backward pass runs the block scan again.
+
+    ``value_and_grads(wanted, ct, *args)`` returns ``(value, grads)``: with ``ct=None``
+    the value alone (``grads`` may be anything), else the gradients of ``<ct, value>``
+    for the arguments ``wanted`` marks (None for the others), in each argument's dtype.
+    When the cotangent is not a scalar (one loss per row), the gradient of a shared
+    weight mixes the rows by ``ct`` and cannot be made before ``ct`` is known: the
+    forward pass keeps only the arguments, and the backward pass forms every block's
+    logits again, one more matmul than :func:`fused_vjp`. Differentiable once.
+    """
+
+    def value(*args):
+        return value_and_grads((False,) * len(args), None, *args)[0]
+
+    fn = jax.custom_vjp(value)
+
+    def fwd(*primals):
+        args = tuple(p.value for p in primals)
+        return value(*args), (_Flags(tuple(bool(p.perturbed) for p in primals)), args)
+
+    def bwd(res, ct):
+        flags, args = res
+        if isinstance(ct, SymbolicZero):
+            return (None,) * len(args)
+        grads = value_and_grads(flags.wanted, ct, *args)[1]
+        return tuple(g if w else None for g, w in zip(grads, flags.wanted, strict=True))
+
+    fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    return functools.wraps(value_and_grads)(fn)
+
+
+def varying_zeros(shape: tuple[int, ...], dtype: Any, axis_name: Any = None) -> jax.Array:
+    """Zeros to start a scan carry that accumulates per-device values.
+
+    Under ``shard_map`` a carry must have the same type before and after a step; a sum
+    of device-varying blocks is varying, so its initial zeros (a constant, invariant)
+    are cast to varying over ``axis_name`` (a name or a tuple of names; None: no cast).
+    """
+    zeros = jnp.zeros(shape, dtype)
+    return zeros if axis_name is None else jax.lax.pcast(zeros, axis_name, to="varying")

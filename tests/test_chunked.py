@@ -1,5 +1,7 @@
 """Tests of jaxbce/_chunked.py: block sizes, block layout, gradients made forward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +79,46 @@ def test_fused_vjp_keeps_each_gradients_dtype():
     a, b = jnp.ones(4, jnp.bfloat16), jnp.ones(4, jnp.float32)
     ga, gb = jax.grad(lambda a, b: f(a, b).astype(jnp.float32), (0, 1))(a, b)
     assert ga.dtype == jnp.bfloat16 and gb.dtype == jnp.float32
+
+
+def test_recomputed_vjp_makes_gradients_in_the_backward_pass_with_the_cotangent():
+    calls = []
+
+    def fn(wanted, ct, a, b):
+        calls.append((wanted, ct is None))
+        value = a * b**2  # one value per entry: the cotangent is a vector
+        if ct is None:
+            return value, (None, None)
+        return value, (ct * b**2, 2 * ct * a * b if wanted[1] else None)
+
+    f = _chunked.recomputed_vjp(fn)
+    a, b = jnp.arange(3.0), jnp.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(f(a, b), np.arange(3.0) * np.asarray(b) ** 2)
+    ct = jnp.array([1.0, 2.0, 3.0])
+    ga, gb = jax.grad(lambda a, b: jnp.sum(ct * f(a, b)), (0, 1))(a, b)
+    np.testing.assert_allclose(ga, ct * b**2)
+    np.testing.assert_allclose(gb, 2 * ct * a * b)
+    assert ((False, False), True) in calls and ((True, True), False) in calls
+    jax.grad(lambda a, b: jnp.sum(f(a, b)))(a, b)
+    assert calls[-1] == ((True, False), False)
+
+
+def test_varying_zeros_start_a_carry_that_sums_per_device_blocks():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("i",))
+
+    def total(zeros):
+        def local(x):
+            def step(c, row):
+                return c + row, None
+
+            return jax.lax.psum(jax.lax.scan(step, zeros(x.shape[1:]), x)[0], "i")
+
+        return jax.shard_map(local, mesh=mesh, in_specs=P("i"), out_specs=P())(jnp.ones((4, 2)))
+
+    varying = functools.partial(_chunked.varying_zeros, dtype=jnp.float32, axis_name="i")
+    np.testing.assert_allclose(total(varying), [4.0, 4.0])
+    with pytest.raises(TypeError, match="carry"):
+        total(lambda shape: jnp.zeros(shape))
