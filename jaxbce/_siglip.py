@@ -203,8 +203,9 @@ def _like_primal(g: jax.Array, primal: jax.Array, axes: tuple | None) -> jax.Arr
 
 
 class _Sums(NamedTuple):
-    """What a device accumulates over the pairs it scores, in the compute dtype and
-    not yet divided by ``B``; None for a gradient that is not wanted."""
+    """What a device accumulates over the pairs it scores, in the compute dtype, not
+    yet divided by ``B`` nor (``dx``, ``dy``) multiplied by ``scale``, both linear and
+    applied once at the end; None for a gradient that is not wanted."""
 
     loss: jax.Array  # sum of the pairs' losses
     dx: jax.Array | None  # [b, D]: sum_j dz_ij y_j
