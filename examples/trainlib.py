@@ -400,3 +400,31 @@ def report(title: str, metrics: Mapping[str, Any], out: str | None) -> None:
     if out is not None:
         files = ", ".join(sorted(p.name for p in Path(out).iterdir()))
         print(f"  wrote to {out}/: {files}")
+
+
+def save_run(
+    out: str | None,
+    metrics: Mapping[str, Any],
+    histories: Mapping[str, Mapping[str, list[float]]],
+    config: TrainConfig,
+    num_devices: int,
+    **extra: Any,
+) -> Path | None:
+    """Writes ``metrics.json`` and ``run.json`` (config, devices, history and ``extra``)
+    into ``out`` for a trainer that draws its own figures; returns the folder, or None
+    when there is nothing to write (no ``out``, or not process 0)."""
+    if out is None or not is_main_process():
+        return None
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    run = {
+        "config": dataclasses.asdict(config),
+        "devices": num_devices,
+        "processes": jax.process_count(),
+        "platform": jax.default_backend(),
+        "history": histories,
+        **extra,
+    }
+    (path / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return path
