@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,6 +179,11 @@ def train_step(model: TwoTower, optimizer: nnx.Optimizer, batch, mesh) -> jax.Ar
     return loss
 
 
+@functools.partial(nnx.jit, static_argnames="mesh")
+def eval_step(model: TwoTower, batch, mesh) -> jax.Array:
+    return loss_fn(model, batch, mesh)
+
+
 @nnx.jit
 def similarities(model: TwoTower, pixels: jax.Array, tokens: jax.Array) -> jax.Array:
     """``[images, captions]`` cosine similarities (the logits up to scale and bias)."""
@@ -215,32 +218,36 @@ def retrieval_recall(dp, model, split: trainlib.Split) -> dict[str, float]:
 
 
 def plot(path: Path, history: dict[str, list[float]], sim: np.ndarray, digits: np.ndarray):
-    """Training loss and validation zero-shot accuracy per epoch; the mean test
-    similarity of each digit's images to each digit's caption."""
-    fig, (ax_loss, ax_sim) = trainlib.plt.subplots(1, 2, figsize=(11, 4.2))
-    epochs = np.arange(1, len(history["train_loss"]) + 1)
-    lines = ax_loss.plot(epochs, history["train_loss"], color="C0", label="train loss")
-    ax_loss.set(xlabel="epoch", ylabel="SigLIP loss (jaxbce)", yscale="log")
-    ax_acc = ax_loss.twinx()
+    """Validation zero-shot accuracy per epoch, and the mean test similarity of each
+    digit's images to each digit's caption."""
+    fig, (ax_acc, ax_sim) = trainlib.plt.subplots(1, 2, figsize=(11, 4.2))
     acc = history["val_zero_shot_accuracy"]
-    lines += ax_acc.plot(epochs, acc, color="C1", label="validation zero-shot accuracy")
-    ax_acc.set(ylabel="zero-shot accuracy", ylim=(0, 1))
-    ax_loss.legend(handles=lines, loc="center right")
+    ax_acc.plot(np.arange(1, len(acc) + 1), acc, "-o", ms=3)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="Zero-shot (validation)")
+    ax_acc.grid(alpha=0.3)
     mean = np.stack([sim[digits == d].mean(axis=0) for d in range(10)])
     im = ax_sim.imshow(mean, cmap="viridis")
     ax_sim.set(xlabel="caption of digit", ylabel="test images of digit", xticks=range(10))
-    ax_sim.set(yticks=range(10), title="mean cosine similarity (test)")
+    ax_sim.set(yticks=range(10), title="Mean cosine similarity (test)")
     fig.colorbar(im, ax=ax_sim, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     trainlib.plt.close(fig)
 
 
+def validation_loss(dp, model, split: trainlib.Split, batch_size: int) -> float:
+    """The mean loss over the split's full batches, in order (the loss of a batch
+    grows with its size: compared with training only at the same batch size)."""
+    starts = range(0, len(split["y"]) - batch_size + 1, batch_size)
+    full = np.ones(batch_size, bool)
+    batches = [dp.put_batch(split, np.arange(i, i + batch_size), full) for i in starts]
+    return float(np.mean([eval_step(model, batch, dp.mesh) for batch in batches]))
+
+
 # --------------------------------------------------------------------------- main
 
 
 def train_and_evaluate(config: Config, *, max_steps: int | None = None) -> dict:
-    start = time.perf_counter()
     dp = trainlib.DataParallel()
     data = load_data()
     train, val, test = data["train"], data["val"], data["test"]
@@ -251,7 +258,8 @@ def train_and_evaluate(config: Config, *, max_steps: int | None = None) -> dict:
 
     rng = np.random.default_rng(config.seed)
     batch_size = dp.round_up(config.batch_size)
-    history: dict[str, list[float]] = {"train_loss": [], "val_zero_shot_accuracy": []}
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+    history["val_zero_shot_accuracy"] = []
     steps = 0
     for _ in trainlib.progress(range(config.epochs), desc="siglip", quiet=config.quiet):
         captions = sample_captions(
@@ -267,6 +275,7 @@ def train_and_evaluate(config: Config, *, max_steps: int | None = None) -> dict:
             if max_steps is not None and steps >= max_steps:
                 break
         history["train_loss"].append(float(np.mean(jax.device_get(losses))))
+        history["val_loss"].append(validation_loss(dp, model, val, batch_size))
         history["val_zero_shot_accuracy"].append(zero_shot_accuracy(dp, model, val)[0])
         if max_steps is not None and steps >= max_steps:
             break
@@ -279,22 +288,12 @@ def train_and_evaluate(config: Config, *, max_steps: int | None = None) -> dict:
         "bias": float(jax.device_get(model.bias[...])),
         "devices": dp.num_devices,
     }
+    # one-vs-rest: how well each digit's caption ranks that digit's images first
+    curves = {"all digits": ((test["y"][:, None] == np.arange(10)).ravel(), sim.ravel())}
+    curves |= {f"{d} {NAMES[d]}": (test["y"] == d, sim[:, d]) for d in range(10)}
+    trainlib.write_outputs(config.out, metrics, {"": history}, curves, config, dp)
     if config.out is not None and trainlib.is_main_process():
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        run = {
-            "config": dataclasses.asdict(config),
-            "devices": dp.num_devices,
-            "processes": jax.process_count(),
-            "platform": jax.default_backend(),
-            "global_batch": batch_size,
-            "steps": steps,
-            "seconds": time.perf_counter() - start,
-            "history": history,
-        }
-        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        plot(out / "siglip.png", history, sim, test["y"])
+        plot(Path(config.out) / "siglip.png", history, sim, test["y"])
     return metrics
 
 
