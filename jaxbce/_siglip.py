@@ -297,7 +297,7 @@ def _value_and_grads(
     n = 1 if axes is None else lax.axis_size(axes)
 
     def start(shape: tuple[int, ...]) -> jax.Array:
-        return _as_varying(jnp.zeros(shape, cdt), axes)
+        return _chunked.varying_zeros(shape, cdt, axes)
 
     def fresh_dy() -> jax.Array | None:
         return start((rows, dim)) if want_y else None
