@@ -92,8 +92,10 @@ def fused_vjp(value_and_grads: Callable[..., tuple[jax.Array, tuple]]) -> Callab
 
 
 def _scale(g: jax.Array, ct: jax.Array) -> jax.Array:
-    """``ct * g`` in ``g``'s dtype (the gradient's dtype is its argument's)."""
-    return (ct.astype(jnp.float32) * g.astype(jnp.float32)).astype(g.dtype)
+    """``ct * g`` computed in at least float32, returned in ``g``'s dtype (the
+    gradient's dtype is its argument's)."""
+    dt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
+    return (ct.astype(dt) * g.astype(dt)).astype(g.dtype)
 
 
 @jax.tree_util.register_static

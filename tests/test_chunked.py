@@ -122,3 +122,12 @@ def test_varying_zeros_start_a_carry_that_sums_per_device_blocks():
     np.testing.assert_allclose(total(varying), [4.0, 4.0])
     with pytest.raises(TypeError, match="carry"):
         total(lambda shape: jnp.zeros(shape))
+
+
+def test_fused_vjp_scales_float64_gradients_in_float64():
+    f = _chunked.fused_vjp(_quadratic)
+    with jax.enable_x64(True):
+        a, b = jnp.full(3, 1 / 3, jnp.float64), jnp.full(3, 1 / 7, jnp.float64)
+        ga = jax.grad(lambda a: f(a, b) / 3)(a)
+        assert ga.dtype == jnp.float64
+        np.testing.assert_allclose(ga, np.full(3, (1 / 7) ** 2 / 3), rtol=1e-15)

@@ -124,9 +124,6 @@ class TestAgainstDenseReference:
         errs = self.float64_errors()
         assert errs[0] < 1e-14 and np.all(errs[1:] < 1e-7), errs
 
-    @pytest.mark.xfail(
-        strict=True, reason="_chunked.fused_vjp's backward multiplies by the cotangent in float32"
-    )
     def test_float64_gradients_to_float64_rounding(self):
         assert np.all(self.float64_errors()[1:] < 1e-12)
 
