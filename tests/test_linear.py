@@ -327,6 +327,22 @@ def test_bad_inputs_are_named_at_trace_time():
         f(x, w, y, label_smoothing=1.5)
 
 
+def test_traced_index_values_are_checked_under_checkify():
+    from jax.experimental import checkify
+
+    a = inputs()
+
+    def loss(x, w, idx):
+        jaxbce.check_positive_indices(idx, w.shape[1])
+        return jaxbce.linear_binary_cross_entropy(x, w, positive_indices=idx)
+
+    checked = jax.jit(checkify.checkify(jax.value_and_grad(loss, (0, 1))))
+    err, _ = checked(a["x"], a["w"], a["idx"])
+    assert err.get() is None
+    err, _ = checked(a["x"], a["w"], a["idx"].at[3, 0].set(C))
+    assert "positive_indices has 1 entries neither pad (-1) nor in [0, 37)" in err.get()
+
+
 # ------------------------------------------------------------------- class-parallel
 
 SHARDED = textwrap.dedent(
