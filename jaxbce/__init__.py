@@ -9,6 +9,8 @@ from jaxbce._classification import (
     sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
 )
 from jaxbce._focal import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxbce._linear import linear_binary_cross_entropy as linear_binary_cross_entropy
+from jaxbce._siglip import siglip_loss as siglip_loss
 from jaxbce._sparse import (
     sparse_binary_cross_entropy_with_logits as sparse_binary_cross_entropy_with_logits,
 )
@@ -22,8 +24,10 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "check_inputs",
     "check_positive_indices",
+    "linear_binary_cross_entropy",
     "pos_weight_from_labels",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "siglip_loss",
     "sparse_binary_cross_entropy_with_logits",
 ]
