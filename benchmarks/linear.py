@@ -27,13 +27,9 @@ to ``--out`` (default ``benchmarks/results/<backend>/linear``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -42,7 +38,7 @@ import numpy as np
 
 import jaxbce
 from benchmarks import bench
-from benchmarks.siglip import _gb, _ratio, errors, ratios, temp_bytes
+from benchmarks.scale import errors, finish, gb, metadata, ratio_text, ratios, temp_bytes
 from jaxbce import _chunked
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -224,21 +220,21 @@ def targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
             goal = TARGETS["cpu_matmul_ratio"]
             ratio = fused["time_vs_matmuls"]
             add(f"CPU: <= {goal}x the matmuls ({where})", ratio["median"], goal, False,
-                _ratio(ratio))  # fmt: skip
+                ratio_text(ratio))  # fmt: skip
             continue
         if "materialized" not in rec:
             goal = TARGETS["gpu_temp_bytes"]
             add(f"GPU: <= 1 GB temporaries ({where})", fused["temp_bytes"], goal, False,
-                _gb(fused["temp_bytes"]))  # fmt: skip
+                gb(fused["temp_bytes"]))  # fmt: skip
             goal = TARGETS["gpu_matmul_ratio"]
             ratio = fused["time_vs_matmuls"]
             add(f"GPU: <= {goal}x the matmuls ({where})", ratio["median"], goal, False,
-                _ratio(ratio))  # fmt: skip
+                ratio_text(ratio))  # fmt: skip
         else:
             goal = TARGETS["gpu_speedup"]
             ratio = fused["speedup_vs_materialized"]
             add(f"GPU: >= {goal}x faster than materialized ({where})", ratio["median"], goal,
-                True, _ratio(ratio))  # fmt: skip
+                True, ratio_text(ratio))  # fmt: skip
             goal = TARGETS["gpu_temp_ratio"]
             less = case["materialized_temp_bytes"] / max(fused["temp_bytes"], 1)
             add(f"GPU: >= {goal:g}x less temporary memory ({where})", less, goal, True,
@@ -282,7 +278,7 @@ def markdown(run: dict[str, Any]) -> str:
         if not materialize:
             lines += [
                 "The materialized loss is not run at this size; compiled, it needs "
-                f"{_gb(case['materialized_temp_bytes'])} of temporaries.",
+                f"{gb(case['materialized_temp_bytes'])} of temporaries.",
                 "",
             ]
         lines += [
@@ -296,10 +292,10 @@ def markdown(run: dict[str, Any]) -> str:
             if v:
                 errs = ", ".join(f"{e:.1e}" for e in v["errors"])
                 check = f"{'yes' if v['ok'] else 'NO'} vs {v['vs']}: {errs}"
-            speed = _ratio(r["speedup_vs_materialized"]) if materialize else "-"
+            speed = ratio_text(r["speedup_vs_materialized"]) if materialize else "-"
             lines.append(
                 f"| {r['impl']} | {r['ms']:.2f} | {r['ms_p25']:.2f}-{r['ms_p75']:.2f} "
-                f"| {_ratio(r['time_vs_matmuls'])} | {speed} | {_gb(r['temp_bytes'])} "
+                f"| {ratio_text(r['time_vs_matmuls'])} | {speed} | {gb(r['temp_bytes'])} "
                 f"| {check} |"
             )
     return "\n".join(lines) + "\n"
@@ -307,37 +303,6 @@ def markdown(run: dict[str, Any]) -> str:
 
 def _progress(msg: str) -> None:
     print(f"[linear] {msg}", file=sys.stderr, flush=True)
-
-
-def metadata(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
-    """Where, when and how a benchmark runs (call before measuring; ``finish`` adds the
-    load after and the duration)."""
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": bench.device_name(),
-        "backend": jax.default_backend(),
-        **bench.versions(),
-        "python": platform.python_version(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
-        "env": bench.USER_ENV,
-        "start": time.time(),
-    }
-
-
-def finish(out: str, run: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
-    """Adds the load after and the duration to ``run["meta"]``, writes ``results.json``
-    and ``results.md`` (``render(run)``) into ``out``, and prints the latter."""
-    meta = run["meta"]
-    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    meta["seconds"] = time.time() - meta.pop("start")
-    text = render(run)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(run, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -24,13 +24,10 @@ Writes ``results.json`` and ``results.md`` to ``--out``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +37,7 @@ import numpy as np
 
 import jaxbce
 from benchmarks import bench
+from benchmarks.scale import errors, finish, gb, metadata, ratio_text, ratios, temp_bytes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -144,31 +142,7 @@ def dense_reference(x, y) -> tuple[float, tuple]:
     return softplus.sum() / len(x), (SCALE * dz @ y, SCALE * dz.T @ x, (dz * m).sum(), dz.sum())
 
 
-def errors(got, want) -> list[float]:
-    """``max |got - want| / max |want|`` for the loss and each gradient."""
-    (v, g), (wv, wg) = got, want
-    out = [abs(float(v) - float(wv)) / abs(float(wv))]
-    for a, w in zip(g, wg, strict=True):
-        a, w = (np.asarray(t).astype(np.float64) for t in (a, w))
-        out.append(float(np.max(np.abs(a - w)) / np.max(np.abs(w))))
-    return out
-
-
 # ------------------------------------------------------------------------ measuring
-
-
-def temp_bytes(fn, *args) -> int:
-    return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
-
-
-def ratios(num: np.ndarray, den: np.ndarray) -> dict[str, float]:
-    """The median and quartiles of the per-round ratios ``num / den``."""
-    r = num / den
-    return {
-        "median": float(np.median(r)),
-        "p25": float(np.percentile(r, 25)),
-        "p75": float(np.percentile(r, 75)),
-    }
 
 
 def run_timing(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -286,16 +260,6 @@ def run_ring_memory(rows: int, dim: int) -> dict[str, int]:
 # ------------------------------------------------------------------------- reporting
 
 
-def _gb(n: float | None) -> str:
-    if n is None:
-        return "failed to compile"
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def _ratio(d: dict[str, float]) -> str:
-    return f"{d['median']:.2f}x ({d['p25']:.2f}-{d['p75']:.2f})"
-
-
 def targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
     rec = {r["impl"]: r for r in run["timing"]["records"]}
     gpu = run["meta"]["backend"] == "gpu"
@@ -353,8 +317,8 @@ def markdown(run: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['impl']} | {r['ms']:.2f} | {r['ms_p25']:.2f}-{r['ms_p75']:.2f} "
-            f"| {_ratio(r['speedup_vs_materialized'])} | {_ratio(r['time_vs_matmuls'])} "
-            f"| {_gb(r['temp_bytes'])} | {r['temp_ratio_vs_materialized']:.1f}x | {check} |"
+            f"| {ratio_text(r['speedup_vs_materialized'])} | {ratio_text(r['time_vs_matmuls'])} "
+            f"| {gb(r['temp_bytes'])} | {r['temp_ratio_vs_materialized']:.1f}x | {check} |"
         )
     lines += [
         "",
@@ -376,7 +340,7 @@ def markdown(run: dict[str, Any]) -> str:
     for r in run["memory"]:
         sig, mat = r["siglip"], r["materialized"]
         ratio = f"{mat / sig:.1f}x" if sig and mat else "-"
-        lines.append(f"| {r['batch']} | {_gb(sig)} | {_gb(mat)} | {ratio} |")
+        lines.append(f"| {r['batch']} | {gb(sig)} | {gb(mat)} | {ratio} |")
     if run.get("ring"):
         rows, dim = run["ring"]["rows"], run["ring"]["dim"]
         lines += [
@@ -393,7 +357,7 @@ def markdown(run: dict[str, Any]) -> str:
             "|---|---|" + "---|" * len(run["ring"]["temps"]),
         ]
         for n in next(iter(run["ring"]["temps"].values())):
-            temps = " | ".join(_gb(t[n]) for t in run["ring"]["temps"].values())
+            temps = " | ".join(gb(t[n]) for t in run["ring"]["temps"].values())
             lines.append(f"| {n} | {rows * int(n)} | {temps} |")
     return "\n".join(lines) + "\n"
 
@@ -437,18 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--gpu needs a GPU; JAX's default backend here is {backend!r}")
     out = args.out or os.path.join("benchmarks", "results", backend, "siglip")
     repeats = args.repeats or cfg["repeats"]
-    start = time.perf_counter()
-    meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": bench.device_name(),
-        "backend": backend,
-        **bench.versions(),
-        "python": platform.python_version(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "command": "python -m benchmarks.siglip "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "env": bench.USER_ENV,
-    }
+    meta = metadata("benchmarks.siglip", argv)
     _progress(f"{meta['device']}, jax {meta['jax']}, preset {name}, out {out}")
     run: dict[str, Any] = {"meta": meta, "preset": name, "repeats": repeats}
     run["small_check"] = run_small_check(cfg)
@@ -458,15 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if cfg["ring"] is not None:
         rows, dim = cfg["ring"]
         run["ring"] = {"rows": rows, "dim": dim, "temps": run_ring_memory(rows, dim)}
-    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    meta["seconds"] = time.perf_counter() - start
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(run, f, indent=1)
-    text = markdown(run)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
+    finish(out, run, markdown)
     failed = [r["impl"] for r in run["small_check"] if not r["ok"]]
     failed += [
         r["impl"] for r in run["timing"]["records"] if r["verified"] and not r["verified"]["ok"]
