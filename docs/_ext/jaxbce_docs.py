@@ -9,7 +9,7 @@
   on GitHub) become download links to that file, as links to other files already are,
   instead of references to a missing page.
 * ``_generated/``: the figures and printed output of the examples (the stability picture
-  and the three trainers), made by calling the examples' own ``main`` functions; rerun
+  and the trainers), made by calling the examples' own ``main`` functions; rerun
   only when the examples or the library change.
 
 Both directories are generated and ignored by git.
@@ -69,6 +69,7 @@ EXAMPLES = (
     ("binary_classifier", ["--quiet"], "binary"),
     ("multilabel_classifier", ["--quiet", "--missing-fraction", "0.3"], "multilabel"),
     ("imbalanced", ["--quiet"], "imbalanced"),
+    ("siglip", ["--quiet"], "siglip"),
 )
 
 
