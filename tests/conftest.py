@@ -6,6 +6,7 @@ that run optax or flax training, which promote implicitly, are marked
 ``standard_promotion``.
 """
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -32,3 +33,15 @@ def _dtype_promotion(request):
             yield
     else:
         yield
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """The examples' main job (``examples/main.py``), run once for every module that
+    checks a trainer's default quality: ``(results by job, output directory)``."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if str(examples) not in sys.path:
+        sys.path.insert(0, str(examples))
+    out = tmp_path_factory.mktemp("main")
+    with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
+        return importlib.import_module("main").main(["--out", str(out), "--quiet"]), out

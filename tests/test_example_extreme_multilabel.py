@@ -100,9 +100,10 @@ def test_eight_devices_split_the_classes_and_match_one_device(tmp_path, one_devi
 
 
 @pytest.mark.slow
-def test_default_settings_quality(tmp_path):
-    m = extreme.train_and_evaluate(extreme.Config(quiet=True, out=str(tmp_path)))
+def test_default_settings_quality(main_job):
+    results, out = main_job
+    m = results["extreme"]
     assert m["num_labels"] >= 100_000
     assert m["precision_at_1"] >= 0.6 and m["precision_at_1"] >= 3 * m["baseline_precision_at_1"]
     assert m["precision_at_5"] >= 2 * m["baseline_precision_at_5"]
-    assert (tmp_path / "extreme_multilabel.png").stat().st_size > 0
+    assert (out / "extreme" / "extreme_multilabel.png").stat().st_size > 0

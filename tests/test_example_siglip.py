@@ -53,9 +53,9 @@ def test_smoke(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def single_device():
-    with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
-        return siglip.train_and_evaluate(siglip.Config(quiet=True))
+def single_device(main_job):
+    """The default run on one device: the main job's."""
+    return main_job[0]["siglip"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -122,14 +121,6 @@ def test_cli_flags(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- quality
-
-
-@pytest.fixture(scope="module")
-def main_job(tmp_path_factory):
-    """The main job: every trainer with default settings and the stability picture."""
-    out = tmp_path_factory.mktemp("main")
-    with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
-        return examples_main.main(["--out", str(out), "--quiet"]), out
 
 
 @pytest.mark.slow
