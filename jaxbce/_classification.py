@@ -34,7 +34,9 @@ def binary_cross_entropy_with_logits(
     .. math::
         \ell(z, y) = w \left[ w_+ y \operatorname{softplus}(-z)
                       + (1 - y) \operatorname{softplus}(z) \right],
-        \qquad \frac{\partial \ell}{\partial z}
+
+    .. math::
+        \frac{\partial \ell}{\partial z}
               = w \left[(1 - y)\,\sigma(z) - w_+ y\,\sigma(-z)\right],
 
     which is :math:`w(\sigma(z) - y)` for :math:`w_+ = 1`. The loss takes one ``exp``
@@ -146,7 +148,9 @@ def binary_cross_entropy(
 
     .. math::
         \ell(p, y) = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100)
-                     \right], \qquad
+                     \right],
+
+    .. math::
         \frac{\partial \ell}{\partial p} = w \frac{p - y}{\max(p (1 - p), 10^{-12})}
 
     Each log term is clamped at -100 so that ``p = 0`` or ``p = 1`` gives a finite loss,

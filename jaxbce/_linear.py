@@ -277,7 +277,7 @@ def linear_binary_cross_entropy(
     weight: ArrayLike | None = None,
     pos_weight: ArrayLike | None = None,
     label_smoothing: float | ArrayLike = 0.0,
-    axis: int | Sequence[int] | None = None,
+    axis: int | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
     axis_name: Any = None,
@@ -291,7 +291,9 @@ def linear_binary_cross_entropy(
     .. math::
         L = \frac{1}{BC} \sum_{b, c} w_{bc} \left[ w_{+,c}\, y_{bc}
             \operatorname{softplus}(-z_{bc}) + (1 - y_{bc}) \operatorname{softplus}(z_{bc})
-            \right], \qquad
+            \right],
+
+    .. math::
         \frac{\partial L}{\partial z_{bc}}
             = \frac{w_{bc}}{BC} \left[(1 - y_{bc})\,\sigma(z_{bc})
               - w_{+,c}\, y_{bc}\,\sigma(-z_{bc})\right].

@@ -75,9 +75,8 @@ def siglip_loss(
       bias: scalar bias :math:`b`.
       axis_name: None on one device; inside ``shard_map``, the mesh axis (or tuple of
         axes) the batch is sharded over.
-      chunk_size: columns per block, a positive int; None picks at most
-        :data:`jaxbce._chunked.BLOCK_ELEMENTS` logits per block (512 columns for 4096
-        rows).
+      chunk_size: columns per block, a positive int; None picks at most 2**21 logits
+        per block, a multiple of 128 columns (512 columns for 4096 rows).
 
     Returns:
       The scalar loss, float32 (float64 for float64 inputs); with ``axis_name``, the

@@ -238,11 +238,13 @@ def sparse_binary_cross_entropy_with_logits(
     \operatorname{softplus}(-z)` the core element-wise loss,
 
     .. math::
+        \begin{aligned}
         \sum_{b, c} w_{bc}\, \ell(z_{bc}, y_{bc})
-        = \sum_{b, c} w_{bc}\, \ell(z_{bc}, y_0)
-        + \sum_b \sum_{c \in P_b} w_{bc} (1 - \varepsilon)
+        = {} & \sum_{b, c} w_{bc}\, \ell(z_{bc}, y_0) \\
+        & + \sum_b \sum_{c \in P_b} w_{bc} (1 - \varepsilon)
           \left[w_{+,bc} \operatorname{softplus}(-z_{bc})
                 - \operatorname{softplus}(z_{bc})\right].
+        \end{aligned}
 
     The first sum fuses with the one read of the logits; the second reads ``K`` entries
     per row. The gradient w.r.t. the logits (a ``jax.custom_jvp`` rule) is the
