@@ -98,7 +98,7 @@ def binary_cross_entropy_with_logits(
       Keras ``BinaryCrossentropy(from_logits=True, label_smoothing=...)``.
     """
     p = _prepare.prepare(
-        logits, labels, weight, where, ignore_index, axis, reduction, label_smoothing
+        logits, labels, weight, where, ignore_index, axis, reduction, label_smoothing, convert=False
     )
     pos_weight = _checks.check_broadcast(pos_weight, "pos_weight", p.x.shape, p.compute_dtype)
     hard = _prepare.labels_are_hard(labels, label_smoothing)

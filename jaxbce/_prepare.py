@@ -103,6 +103,8 @@ def apply_mask(mask: jax.Array | None, *arrays: jax.Array) -> tuple[jax.Array, .
 class Prepared(NamedTuple):
     """Checked inputs of a loss, ready for an element-wise kernel."""
 
+    # x and y are as given, in their own dtypes, for prepare(convert=False) when there
+    # is no mask and no label smoothing.
     x: jax.Array  # logits or probabilities in the compute dtype, masked entries 0
     y: jax.Array | None  # labels in the compute dtype, masked entries 0, smoothed
     weight: jax.Array | None  # broadcast to the input's shape, compute dtype
@@ -123,6 +125,7 @@ def prepare(
     label_smoothing: Any = 0.0,
     *,
     name: str = "logits",
+    convert: bool = True,
 ) -> Prepared:
     """Every trace-time check and conversion of a loss, in one place.
 
@@ -131,6 +134,11 @@ def prepare(
     then ``y`` is None and ``label_smoothing`` is only checked); ``weight`` and ``where``
     must broadcast to ``x`` without enlarging it; ``axis`` and ``reduction`` must be
     valid. Masked-out entries become 0 before label smoothing.
+
+    ``convert=False``, for kernels that convert by themselves (``_core``), leaves ``x``
+    and ``labels`` in their own dtypes when nothing here needs them converted (no mask,
+    no label smoothing): on CPU a conversion read by both the loss and the gradient is
+    materialized as an N-sized array, where each of their fusions can convert for itself.
     """
     x = _checks.check_float_array(x, name)
     shape, dtype = x.shape, x.dtype
@@ -145,6 +153,9 @@ def prepare(
         _checks.check_scalar_option(label_smoothing, "label_smoothing")
         (xc,) = apply_mask(mask, x.astype(cdt))
         return Prepared(xc, None, weight, mask, axis, dtype, cdt)
+    if not convert and mask is None and _static_zero(label_smoothing):
+        _checks.check_scalar_option(label_smoothing, "label_smoothing")
+        return Prepared(x, labels, weight, mask, axis, dtype, cdt)
     xc, y = apply_mask(mask, x.astype(cdt), label_values(labels).astype(cdt))
     y = smooth_labels(y, label_smoothing)
     return Prepared(xc, y, weight, mask, axis, dtype, cdt)

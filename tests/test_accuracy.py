@@ -405,27 +405,32 @@ def test_binary_cross_entropy_on_probabilities(y):
     np.testing.assert_allclose(loss[-2:], [100.0 * y, 100.0 * (1 - y)], rtol=1e-6)
 
 
-# ---------------------------------------- GPU/TPU formulations, called directly on CPU
+# ------------------------------------------------ every formulation, called directly
 #
-# bce_with_logits and bce_with_logits_hard pick their CPU formulation when lowering for
-# CPU, so the GPU/TPU ones (_loss_fused, _grad_fused, _loss_hard, _grad_hard) are only
-# reached here by calling them directly, jitted, with float32 labels of the given value
-# and pos_weight as a full array. Measured with jax 0.10.2 on CPU on this module's fixed
-# sample (asserted bounds in brackets):
+# The kernels pick their CPU formulation when lowering for CPU, so the GPU/TPU ones are
+# only reached here by calling them directly, jitted, with float32 labels of the given
+# value and pos_weight as a full array; the CPU ones are called the same way (the
+# public loss reaches them with labels in their own dtypes, tested further below).
+# Measured with jax 0.10.2 on CPU on this module's fixed sample (asserted bounds in
+# brackets):
 #
-# * _loss_hard (log1p), jitted: 2.42 ulp (y = 1), 2.00 (y = 0), 1.82 (pw 3) [3 ulp]
-# * _grad_hard, y in {0, 1}: 1.96 ulp; with pos_weight 0.5 or 3.0: 2.22 ulp      [3 ulp]
-# * _loss_fused, y in {0, 1}: 2.42 ulp; y in {0.3, 0.999}: 2.53 ulp;
+# * hard loss (log1p), jitted: 2.42 ulp (y = 1), 2.00 (y = 0), 1.82 (pw 3)       [3 ulp]
+# * hard gradient, y in {0, 1}: 1.96 ulp; with pos_weight 0.5 or 3.0: 2.22 ulp   [3 ulp]
+# * fused loss, y in {0, 1}: 2.42 ulp; y in {0.3, 0.999}: 2.53 ulp;
 #   with pos_weight 3.0: 2.00 ulp                                                [3 ulp]
-# * _grad_fused, y in {0, 1}: 1.96 ulp (2.22 with pos_weight 3.0); soft labels:
+# * fused gradient, y in {0, 1}: 1.96 ulp (2.22 with pos_weight 3.0); soft labels:
 #   1.25 eps of its terms (1.49 with pos_weight 3.0)                             [3]
-# * _grad_hard vs _grad_fused on hard labels: 0 ulp (bitwise equal)              [3 ulp]
+# * hard vs fused, and cpu-hard vs cpu, on hard labels: 0 ulp (bitwise equal)   [3 ulp]
 # * the public loss and gradient with bool, int8, uint8 or int32 labels vs float32
-#   0/1 labels: 0 ulp (bitwise equal on CPU, where both use _loss_cpu/_grad_cpu)  [3 ulp]
+#   0/1 labels: 0 ulp (bitwise equal on CPU)                                     [3 ulp]
 
 
-# The GPU/TPU formulations of the kernels, from the table the kernels are made from.
-GPU_FORMS = {f.name: (f.loss, f.grad) for f in _core.FORMULATIONS.values()}
+# Every formulation of the kernels: the table's (GPU/TPU) and the CPU ones.
+FORMS = {
+    f.name: (f.loss, f.grad) for f in (*_core.FORMULATIONS.values(), _core.CPU, _core.CPU_HARD)
+}
+HARD_FORMS = ("hard", "hard-narrow", "cpu-hard")  # for labels 0 and 1 only
+SOFT_FORMS = ("fused", "fused-narrow", "cpu")
 
 
 @functools.cache
@@ -451,7 +456,7 @@ def _raw_loss_errors(form, z, y, pw=None):
     """A GPU formulation's loss, its ulp where normal (else 0), and the reference."""
     y = np.float32(y)
     true = _ref_loss(z, y, 1.0 if pw is None else pw)
-    got = _raw(GPU_FORMS[form][0], z, y, pw)
+    got = _raw(FORMS[form][0], z, y, pw)
     unweighted = None if pw is None else _ref_loss(z, y, 1.0)
     ulp, _ = _normal_ulp(got, true, unweighted)
     return got, ulp, true
@@ -461,15 +466,15 @@ def _raw_grad_errors(form, z, y, pw=None):
     """A GPU formulation's gradient: ulp where normal (else 0), and eps of its terms."""
     y = np.float32(y)
     true, size = _ref_grad(z, y, 1.0 if pw is None else pw)
-    got = _raw(GPU_FORMS[form][1], z, y, pw)
+    got = _raw(FORMS[form][1], z, y, pw)
     unweighted = None if pw is None else _ref_grad(z, y, 1.0)[0]
     ulp, count = _normal_ulp(got, true, unweighted)
     return ulp, count, np.abs(got - true) / (F32.eps * size)
 
 
-_RAW_CASES = [
-    (form, y, pw) for form in ("hard", "hard-narrow") for y in HARD for pw in (None, 0.5, 3.0)
-] + [(form, y, pw) for form in ("fused", "fused-narrow") for y in HARD + SOFT for pw in (None, 3.0)]
+_RAW_CASES = [(form, y, pw) for form in HARD_FORMS for y in HARD for pw in (None, 0.5, 3.0)] + [
+    (form, y, pw) for form in SOFT_FORMS for y in HARD + SOFT for pw in (None, 3.0)
+]
 
 # _loss_hard once formed log1p(e) as log(u) + (e - (u - 1)) / u; under jax.jit XLA's
 # simplifier folds (1 + e) - 1 to e and the correction vanished (up to 1.6e7 ulp). These
@@ -486,7 +491,7 @@ MAX_ULP_NARROW_GRAD = 6.0
 
 
 @pytest.mark.parametrize("form, y, pw", _RAW_CASES)
-def test_gpu_formulation_loss_within_3_ulp(form, y, pw):
+def test_formulation_loss_within_3_ulp(form, y, pw):
     got, ulp, true = _raw_loss_errors(form, Z_LOSS, y, pw)
     assert np.count_nonzero(_normal(true)) > 0.5 * N
     assert ulp.max() <= (MAX_ULP_NARROW if form.endswith("narrow") else MAX_ULP), _worst(
@@ -503,7 +508,7 @@ def test_hard_loss_formula_is_accurate_op_by_op(y, pw):
     z = jnp.asarray(Z_LOSS)
     yy = jnp.full(z.shape, np.float32(y))
     pww = None if pw is None else jnp.full(z.shape, pw, jnp.float32)
-    got = np.asarray(GPU_FORMS["hard"][0](z, yy, pww), np.float64)
+    got = np.asarray(FORMS["hard"][0](z, yy, pww), np.float64)
     true = _ref_loss(Z_LOSS, np.float32(y), 1.0 if pw is None else pw)
     unweighted = None if pw is None else _ref_loss(Z_LOSS, np.float32(y), 1.0)
     ulp, count = _normal_ulp(got, true, unweighted)
@@ -512,7 +517,7 @@ def test_hard_loss_formula_is_accurate_op_by_op(y, pw):
 
 
 @pytest.mark.parametrize("form, y, pw", _RAW_CASES)
-def test_gpu_formulation_gradient_within_3_ulp_or_3_eps(form, y, pw):
+def test_formulation_gradient_within_3_ulp_or_3_eps(form, y, pw):
     ulp, count, err = _raw_grad_errors(form, Z_GRAD, y, pw)
     if y in HARD:
         assert count > 0.9 * N
@@ -523,12 +528,12 @@ def test_gpu_formulation_gradient_within_3_ulp_or_3_eps(form, y, pw):
 
 
 @pytest.mark.parametrize("form, y, pw", [c for c in _RAW_CASES if c[1] in (0.0, 1.0, 0.3)])
-def test_gpu_formulation_extreme_logits(form, y, pw):
+def test_formulation_extreme_logits(form, y, pw):
     """Exact special values at infinite logits, finite true gradient everywhere."""
     z = EXTREME_Z
     y32 = np.float32(y)
     w = 1.0 if pw is None else pw
-    loss_fn, grad_fn = GPU_FORMS[form]
+    loss_fn, grad_fn = FORMS[form]
     loss, grad = _raw(loss_fn, z, y32, pw), _raw(grad_fn, z, y32, pw)
     true_loss = _ref_loss(z, y32, w)
     true_grad, _ = _ref_grad(z, y32, w)
@@ -590,7 +595,7 @@ def test_narrow_kernels_round_correctly_for_every_16_bit_logit(form, dtype):
     z, zd = z16.astype(np.float32), z16.astype(np.float64)
     for y in (0.0, 1.0):
         truths = (_ref_loss(zd, np.float64(y), 1.0), _ref_grad(zd, np.float64(y), 1.0)[0])
-        for fn, true in zip(GPU_FORMS[form], truths, strict=True):
+        for fn, true in zip(FORMS[form], truths, strict=True):
             got = _raw(fn, z, y).astype(np.float32).astype(dtype).view(np.uint16)
             dist = np.abs(_ordered(got) - _ordered(_nearest_bits(true, dtype)))
             normal = np.abs(true) >= F32.tiny
@@ -600,13 +605,14 @@ def test_narrow_kernels_round_correctly_for_every_16_bit_logit(form, dtype):
             ]
 
 
+@pytest.mark.parametrize("hard_form, form", [("hard", "fused"), ("cpu-hard", "cpu")])
 @pytest.mark.parametrize("which", [pytest.param(0, id="loss"), pytest.param(1, id="grad")])
 @pytest.mark.parametrize("pw", [None, 0.5, 3.0])
 @pytest.mark.parametrize("y", HARD)
-def test_hard_formulation_agrees_with_fused_on_hard_labels(y, pw, which):
+def test_hard_formulation_agrees_with_general_on_hard_labels(y, pw, which, hard_form, form):
     z = (Z_LOSS, Z_GRAD)[which]
-    hard = _raw(GPU_FORMS["hard"][which], z, y, pw)
-    fused = _raw(GPU_FORMS["fused"][which], z, y, pw)
+    hard = _raw(FORMS[hard_form][which], z, y, pw)
+    fused = _raw(FORMS[form][which], z, y, pw)
     # Same inf entries; within 3 ulp where both are normal, both tiny elsewhere.
     np.testing.assert_array_equal(np.isinf(hard), np.isinf(fused))
     ok = _normal(fused) & _normal(hard)
@@ -617,8 +623,8 @@ def test_hard_formulation_agrees_with_fused_on_hard_labels(y, pw, which):
         assert np.all(np.abs(v[~ok & np.isfinite(v)]) <= 3 * F32.tiny)
     # Identical at the special values of EXTREME_Z (+-inf logits, inf and 0 results).
     z = EXTREME_Z
-    hard = _raw(GPU_FORMS["hard"][which], z, y, pw)
-    fused = _raw(GPU_FORMS["fused"][which], z, y, pw)
+    hard = _raw(FORMS[hard_form][which], z, y, pw)
+    fused = _raw(FORMS[form][which], z, y, pw)
     special = np.isinf(z) | np.isinf(fused) | (fused == 0)
     assert np.any(special)
     np.testing.assert_array_equal(hard[special], fused[special])

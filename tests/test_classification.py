@@ -476,3 +476,46 @@ def test_gpu_lowering_uses_xla_log1p_only_for_32_bit_logits(dtype, labels, log1p
     assert ("log_plus_one" in text) == log1p
     assert ("rsqrt" in text) == (not log1p)
     assert "optimization_barrier" in text
+
+
+class TestCompiledMemory:
+    """On CPU the compiled value_and_grad of the mean holds no N-sized temporary: the
+    loss's reduction fusion and the gradient's loop fusion each convert the logits and
+    labels they read, so no conversion is materialized. (Pinned to the CPU.)"""
+
+    N = 1 << 16
+
+    @staticmethod
+    def temp_per_element(logits_dtype, labels_dtype, **options):
+        n = TestCompiledMemory.N
+        z = jax.ShapeDtypeStruct((n // 256, 256), logits_dtype)
+        y = jax.ShapeDtypeStruct((n // 256, 256), labels_dtype)
+        f = jax.value_and_grad(lambda z, y: bce(z, y, **options))
+        cpu = jax.local_devices(backend="cpu")[0]
+        with jax.default_device(cpu):
+            compiled = jax.jit(f).lower(z, y).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / n
+
+    @pytest.mark.parametrize(
+        "logits, labels",
+        [
+            (jnp.float32, jnp.float32),
+            (jnp.float32, jnp.int8),
+            (jnp.float32, jnp.uint8),
+            (jnp.bfloat16, jnp.float32),
+            (jnp.bfloat16, jnp.int8),
+        ],
+    )
+    def test_no_n_sized_temporary(self, logits, labels):
+        assert self.temp_per_element(logits, labels) <= 0.01
+
+    @pytest.mark.parametrize("logits", [jnp.float32, jnp.bfloat16])
+    def test_bool_labels_cost_one_byte(self, logits):
+        """XLA:CPU's reduction fusion (YNNPACK) reads no bool array: the labels' sign is
+        written as one byte per element first, a quarter of float32 labels' 4 bytes."""
+        assert self.temp_per_element(logits, jnp.bool_) <= 1.01
+
+    def test_options_with_float32_labels(self):
+        pw = jnp.full(256, 2.0)
+        assert self.temp_per_element(jnp.float32, jnp.float32, pos_weight=pw) <= 0.01
+        assert self.temp_per_element(jnp.float32, jnp.float32, weight=pw) <= 0.01
