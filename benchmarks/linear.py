@@ -26,9 +26,7 @@ to ``--out`` (default ``benchmarks/results/<backend>/linear``).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbce
-from benchmarks import bench
-from benchmarks.scale import errors, finish, gb, metadata, ratio_text, ratios, temp_bytes
+from benchmarks import bench, scale
+from benchmarks.scale import errors, finish, gb, metadata, progress, ratio_text, ratios, temp_bytes
 from jaxbce import _chunked
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -302,18 +300,11 @@ def markdown(run: dict[str, Any]) -> str:
 
 
 def _progress(msg: str) -> None:
-    print(f"[linear] {msg}", file=sys.stderr, flush=True)
+    progress("linear", msg)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU, C=65536 f32 (default)")
-    preset.add_argument("--gpu", action="store_true", help="one GPU, C=2^20 and 2^17 bf16")
-    parser.add_argument("--out", default=None, help="output directory")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of timing")
+    parser = scale.parser(__doc__, "CPU, C=65536 f32 (default)", "one GPU, C=2^20 and 2^17 bf16")
     args = parser.parse_args(argv)
     name = "gpu" if args.gpu else "quick"
     meta = metadata("benchmarks.linear", argv)
@@ -328,9 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     failed = [
         r["impl"] for c in run["cases"] for r in c["records"] if r["verified"].get("ok") is False
     ]
-    if failed:
-        _progress(f"FAILED correctness: {failed}")
-        sys.exit(1)
+    scale.exit_if_wrong("linear", failed)
     return run
 
 

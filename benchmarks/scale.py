@@ -3,6 +3,7 @@ metadata, writing the results, per-round ratios, errors and compiled temporaries
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -81,3 +82,28 @@ def gb(n: float | None) -> str:
 
 def ratio_text(d: dict[str, float]) -> str:
     return f"{d['median']:.2f}x ({d['p25']:.2f}-{d['p75']:.2f})"
+
+
+def parser(doc: str, quick: str, gpu: str) -> argparse.ArgumentParser:
+    """The command line both benchmarks share: ``--quick`` (CPU, the default) or
+    ``--gpu`` presets, ``--out`` and ``--repeats``."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help=quick)
+    preset.add_argument("--gpu", action="store_true", help=gpu)
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--repeats", type=int, default=None, help="rounds of timing")
+    return p
+
+
+def progress(tag: str, msg: str) -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def exit_if_wrong(tag: str, failed: list[str]) -> None:
+    """Exit 1, naming them, when any implementation's result failed its check."""
+    if failed:
+        progress(tag, f"FAILED correctness: {failed}")
+        sys.exit(1)

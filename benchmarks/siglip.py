@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbce
-from benchmarks import bench
-from benchmarks.scale import errors, finish, gb, metadata, ratio_text, ratios, temp_bytes
+from benchmarks import bench, scale
+from benchmarks.scale import errors, finish, gb, metadata, progress, ratio_text, ratios, temp_bytes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -363,19 +363,12 @@ def markdown(run: dict[str, Any]) -> str:
 
 
 def _progress(msg: str) -> None:
-    print(f"[siglip] {msg}", file=sys.stderr, flush=True)
+    progress("siglip", msg)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU, B=4096 (default)")
-    preset.add_argument("--gpu", action="store_true", help="one GPU, B=65,536 bf16")
-    preset.add_argument("--ring-memory", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="output directory")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of timing")
+    parser = scale.parser(__doc__, "CPU, B=4096 (default)", "one GPU, B=65,536 bf16")
+    parser.add_argument("--ring-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help="B (overrides the preset)")
     parser.add_argument("--dim", type=int, default=None, help="D (overrides the preset)")
     parser.add_argument("--dtype", default=None, choices=sorted(TOLERANCE), help="inputs")
@@ -416,9 +409,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     failed += [
         r["impl"] for r in run["timing"]["records"] if r["verified"] and not r["verified"]["ok"]
     ]
-    if failed:
-        _progress(f"FAILED correctness: {failed}")
-        sys.exit(1)
+    scale.exit_if_wrong("siglip", failed)
     return run
 
 

@@ -16,8 +16,11 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# tests/reference.py, imported as ``reference`` (pytest runs with --import-mode=importlib)
+# tests/reference.py, imported as ``reference`` (pytest runs with --import-mode=importlib),
+# and the example scripts, which import each other as top-level modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 
 def pytest_configure(config):
@@ -39,9 +42,6 @@ def _dtype_promotion(request):
 def main_job(tmp_path_factory):
     """The examples' main job (``examples/main.py``), run once for every module that
     checks a trainer's default quality: ``(results by job, output directory)``."""
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    if str(examples) not in sys.path:
-        sys.path.insert(0, str(examples))
     out = tmp_path_factory.mktemp("main")
     with jax.numpy_dtype_promotion("standard"):  # optax promotes implicitly
         return importlib.import_module("main").main(["--out", str(out), "--quiet"]), out

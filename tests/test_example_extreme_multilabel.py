@@ -18,9 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.standard_promotion  # optax and flax promote dtypes
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # on sys.path (conftest.py)
 
 extreme = importlib.import_module("extreme_multilabel")
 

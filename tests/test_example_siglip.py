@@ -13,9 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.standard_promotion
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # on sys.path (conftest.py)
 
 siglip = importlib.import_module("siglip")
 # the helpers of the other trainers' multi-device tests (tests/ is on sys.path)

@@ -7,7 +7,6 @@ they are imported here the same way, from that directory.
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.standard_promotion
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # on sys.path (conftest.py)
 
 trainlib = importlib.import_module("trainlib")
 binary_classifier = importlib.import_module("binary_classifier")

@@ -15,9 +15,7 @@ from pathlib import Path
 import jax
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # on sys.path (conftest.py)
 
 binary_classifier = importlib.import_module("binary_classifier")
 
