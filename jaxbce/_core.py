@@ -113,11 +113,8 @@ def _nonzero(y) -> jax.Array:
 
 
 def _float_labels(y, dtype) -> jax.Array:
-    """Labels in ``dtype``, integer ones as 0 or 1 (as ``_prepare.label_values``)."""
-    y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.integer):
-        y = _nonzero(y)
-    return y.astype(dtype)
+    """Labels in ``dtype``, integer ones as 0 or 1."""
+    return _prepare.label_values(jnp.asarray(y)).astype(dtype)
 
 
 def _as_compute(z, y) -> tuple[jax.Array, jax.Array]:
@@ -187,10 +184,7 @@ def _grad_cpu(z, y, pw):
     unfused) and ``y (2 pw s) / 2`` for ``pw y s``.
     """
     cdt = _compute_dtype(z)
-    z, y = _widen(z, cdt), jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.integer):
-        y = _nonzero(y)
-    y = _widen(y, cdt)
+    z, y = _widen(z, cdt), _widen(_prepare.label_values(jnp.asarray(y)), cdt)
     pos = z >= 0
     e = jnp.exp(jnp.where(pos, -z, z))
     r = -1 / (-1 - e)  # sigmoid(|z|)
