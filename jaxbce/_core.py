@@ -13,9 +13,11 @@ lowering:
   fusion (YNNPACK) takes the loss whole while the gradient runs in one multithreaded
   loop fusion; each of the two converts the inputs it reads, so that no conversion is
   materialized;
-* :data:`FORMULATIONS`, for GPU and TPU, by (hard labels, 16-bit logits): loss and
-  gradient share one ``exp(-|z|)`` and XLA fuses them and the reduction into one kernel.
-  They get the inputs converted to the compute dtype first (:func:`_as_compute`).
+* :data:`FORMULATIONS`, for GPU and TPU, by (hard labels, 16-bit logits): XLA fuses
+  loss, reduction and gradient into one kernel. Loss and gradient share no costly op
+  (each takes its own ``exp(-|z|)``), so that fusion does not hang on the cost model's
+  view of the device. They get the logits in the compute dtype and the labels as they
+  come.
 
 :data:`KERNELS` holds the kernel of each table entry; :func:`kernel_for` picks one.
 Tests and benchmarks iterate over the same table.
@@ -45,15 +47,37 @@ class Formulation(NamedTuple):
 
 
 # --------------------------------------------------------------- GPU and TPU
+#
+# XLA's GPU fusion decides producer by producer, before it merges sibling fusions into
+# one kernel. Loss and gradient are two consumers there (a reduction and an element-wise
+# output): an ``exp(-|z|)`` they shared would be a producer XLA either copies into both
+# or writes out as an N-sized array, by its cost model, which weighs the copies' math
+# against the device's memory bandwidth (an H200 writes it out, an H100 does not). So
+# they share no costly op: each takes its own ``exp``, written as a different
+# expression (CSE would merge equal ones), and the labels as they come (a bool is read
+# as is, not converted and compared in a fusion of its own). Shared are only the
+# conversion of 16-bit logits and comparisons, which XLA copies freely.
+# ``benchmarks/fusion.py`` checks the compiled kernels for several GPUs and bandwidths.
+
+
+def _exp_neg_abs(z):
+    """``exp(-|z|)`` for the losses (``-|z|`` is an operand modifier on a GPU)."""
+    return jnp.exp(ew.neg_abs(z))
+
+
+def _exp_neg_abs_apart(z):
+    """``exp(-|z|)`` for the gradients, written as another expression than
+    :func:`_exp_neg_abs`, so that XLA keeps the two apart (see above)."""
+    return jnp.exp(jnp.where(z >= 0, -z, z))
 
 
 def _loss_fused(z, y, pw, *, narrow: bool):
-    """The loss from the same ``e = exp(-|z|)`` as :func:`_grad_fused`.
+    """The loss ``lg + (1 - y) max(z, 0) + pw y max(-z, 0)``, ``lg = log1p(exp(-|z|))``.
 
     16-bit logits (``narrow``) take the polynomial ``log1p`` and ``max(+-z, 0)`` as
     maxima (their results are rounded to 8 or 11 bits).
     """
-    e = jnp.exp(ew.neg_abs(z))
+    e = _exp_neg_abs(z)
     lg = ew.log1p_unit(e) if narrow else jnp.log1p(e)
     a, b = ew.coefficients(y, pw)
     base = lg if pw is None else (a + b) * lg
@@ -66,8 +90,8 @@ def _recip(u, narrow: bool):
 
 
 def _grad_fused(z, y, pw, *, narrow: bool):
-    """``(1 - y) sigmoid(z) - pw y sigmoid(-z)`` sharing ``exp(-|z|)`` with the loss."""
-    e = jnp.exp(ew.neg_abs(z))
+    """``(1 - y) sigmoid(z) - pw y sigmoid(-z)``."""
+    e = _exp_neg_abs_apart(z) if narrow else _exp_neg_abs(z)
     a, b = ew.coefficients(y, pw)
     s_pos, s_neg = ew.sigmoids(z, e, _recip(1 + e, narrow))
     return a * s_pos - b * s_neg
@@ -82,7 +106,7 @@ def _loss_hard(z, y, pw, *, narrow: bool):
     """
     pos = y != 0
     wrong = pos != (z >= 0)  # z on the wrong side of 0 for the label
-    e = jnp.exp(ew.neg_abs(z))
+    e = _exp_neg_abs(z)
     loss = jnp.where(wrong, jnp.abs(z), jnp.zeros((), z.dtype))
     loss = loss + (ew.log1p_unit(e) if narrow else jnp.log1p(e))
     return loss if pw is None else jnp.where(pos, pw * loss, loss)
@@ -92,7 +116,7 @@ def _grad_hard(z, y, pw, *, narrow: bool):
     """``sigmoid(z)`` for negatives, ``-pw sigmoid(-z)`` for positives."""
     pos = y != 0
     wrong = pos != (z >= 0)
-    e = jnp.exp(ew.neg_abs(z))
+    e = _exp_neg_abs_apart(z) if narrow else _exp_neg_abs(z)
     r = _recip(1 + e, narrow)
     s = jnp.where(wrong, r, e * r)  # sigmoid(t), no cancellation
     return jnp.where(pos, -(s if pw is None else pw * s), s)

@@ -131,7 +131,8 @@ def log1p_unit(x: jax.Array) -> jax.Array:
     p = jnp.full((), LOG1P_Q[-1], x.dtype)
     for c in LOG1P_Q[-2::-1]:
         p = p * x + c
-    return x + (x * x) * p
+    # x (x p), not (x x) p: XLA rewrites exp(a) exp(a) as exp(2 a), a second exp.
+    return x + x * (x * p)
 
 
 def recip_unit(u: jax.Array) -> jax.Array:

@@ -1,0 +1,217 @@
+"""What XLA compiles the loss into for a GPU, checked without one.
+
+The loss is fast on a GPU only when XLA compiles value_and_grad into one kernel that
+reads the logits and labels once and writes the gradient (plus the small second stage
+of the sum). Whether it does is decided by XLA's GPU fusion passes, whose cost model
+reads the device's description: an H200 (4.8 TB/s) got a different kernel split than
+an H100 (3.35 TB/s) from the same code and the same jax. XLA can compile for a GPU it
+does not see, from that description alone ("deviceless" ahead-of-time compilation), so
+this check runs on any machine:
+
+* every case of the benchmark's GPU table (logits {f32, bf16} x labels {f32, bool,
+  int8} x options {none, pos_weight, weight, where}, value_and_grad of the mean and the
+  forward, at 2^28 elements) is compiled for each device of :data:`DEVICES`;
+* a case fails when more than one kernel reads the logits or XLA holds an N-sized
+  temporary: for value_and_grad more than the bench's target of
+  ``report.TEMP_PER_ELEMENT`` bytes per element, for the forward (whose ``where`` mean
+  keeps two sets of row sums) one byte per element;
+* ``--sweep`` also compiles the value_and_grad cases for an H100 whose memory
+  bandwidth is set from 1 to 64 TB/s, to show how far each case is from a split.
+
+It needs the CUDA plugin of the installed jaxlib (no GPU and no driver) and CUDA's
+``ptxas`` on the PATH (XLA compiles the kernels to the end)::
+
+    v=$(python -c "import jaxlib; print(jaxlib.__version__)")
+    pip install "jax-cuda13-plugin==$v" "jax-cuda13-pjrt==$v"
+    python -m benchmarks.fusion --check [--sweep]
+
+The compilation is real, not the timing: a fused kernel can still be slow, which only a
+GPU tells (``bench --gpu --check``). The device descriptions hold what XLA's cost model
+reads (SM count, clock, memory bandwidth and size, caches and limits), from the vendors'
+published figures; XLA's ``xla/backends/gpu/target_config/specs`` has its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The CUDA plugin checks the CUDA libraries of a GPU machine when it loads; none are
+# needed to compile, so the check is skipped (set before jax initializes its backends).
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # run nothing on a GPU, if there is one
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from benchmarks import hlo, impls, report  # noqa: E402
+from benchmarks.impls import Case  # noqa: E402
+
+LOG2N = 28
+
+# name -> (compute capability, SMs, clock GHz, memory bandwidth B/s, memory bytes, name)
+DEVICES: dict[str, tuple[tuple[int, int], int, float, float, int, str]] = {
+    "H100": ((9, 0), 132, 1.98, 3.35e12, 80 << 30, "NVIDIA H100 80GB HBM3"),
+    "H200": ((9, 0), 132, 1.98, 4.8e12, 141 << 30, "NVIDIA H200"),
+}
+SWEEP_TBS = (1, 2, 3.35, 4.8, 8, 16, 32, 64)  # --sweep: memory bandwidths, TB/s
+
+_CONFIG = """gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: {cores}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+  device_vendor: "NVIDIA Corporation"
+  name: "{name}"
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{name}"
+"""
+
+
+def target_config(device: str, bandwidth: float | None = None) -> str:
+    """The ``GpuTargetConfigProto`` (text) of ``device``, optionally with another memory
+    bandwidth (B/s)."""
+    (major, minor), cores, clock, bw, memory, name = DEVICES[device]
+    return _CONFIG.format(
+        cores=cores,
+        clock=clock,
+        bandwidth=int(bandwidth or bw),
+        memory=memory,
+        major=major,
+        minor=minor,
+        name=name,
+    )
+
+
+def gpu(config: str) -> jax.Device:
+    """A compile-only CUDA device described by ``config``."""
+    topology = topologies.get_topology_desc(
+        "deviceless", platform="cuda", target_config=config, topology="1x1x1"
+    )
+    return topology.devices[0]
+
+
+def cases(modes: Sequence[str] = impls.MODES) -> list[Case]:
+    """The benchmark's GPU table at 2^28: every dtype pair and option, each mode."""
+    n = 1 << LOG2N
+    return [
+        Case(n, z, y, option, mode)
+        for mode in modes
+        for z in impls.LOGIT_DTYPES
+        for y in impls.LABEL_DTYPES
+        for option in impls.OPTIONS
+    ]
+
+
+def compile_case(case: Case, device: jax.Device) -> dict[str, Any]:
+    """jaxbce's function of ``case`` compiled for ``device``: ``hlo.summarize``."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    shape = (case.n // impls.CLASSES, impls.CLASSES)
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    aux = {
+        "none": None,
+        "pos_weight": arg((impls.CLASSES,), jnp.float32),
+        "weight": arg((impls.CLASSES,), jnp.float32),
+        "where": arg(shape, jnp.bool_),
+    }[case.option]
+    args = (
+        arg(shape, impls.LOGIT_DTYPES[case.logits]),
+        arg(shape, impls.LABEL_DTYPES[case.labels]),
+        aux,
+    )
+    fn = jax.jit(impls.jax_callable("jaxbce", case))
+    compiled = fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    return hlo.summarize(compiled, case.n)
+
+
+def one_kernel(summary: dict[str, Any], mode: str = "vg") -> bool:
+    """One kernel reads the logits, and no N-sized temporary."""
+    most = report.TEMP_PER_ELEMENT if mode == "vg" else 1.0
+    return summary["logits_readers"] == 1 and 0 <= summary["temp_per_element"] < most
+
+
+def _name(case: Case) -> str:
+    return f"{case.mode} {case.label}"
+
+
+def check(devices: Sequence[str]) -> list[str]:
+    """Compiles every case for each device; prints a table, returns the failures."""
+    failures = []
+    for device in devices:
+        target = gpu(target_config(device))
+        print(f"\n{device} ({DEVICES[device][5]}, {DEVICES[device][3] / 1e12:g} TB/s)")
+        print("| case | fusions (entry) | fusions reading logits / labels | temp B/elem | ok |")
+        print("|---|---|---|---|---|")
+        for case in cases():
+            s = compile_case(case, target)
+            ok = one_kernel(s, case.mode)
+            if not ok:
+                failures.append(f"{device}: {_name(case)}")
+            print(
+                f"| {_name(case)} | {len(s['fusions'])} | {s['logits_readers']} / "
+                f"{s['labels_readers']} | {s['temp_per_element']:.3f} | "
+                f"{'yes' if ok else 'NO'} |",
+                flush=True,
+            )
+    return failures
+
+
+def sweep(device: str = "H100") -> None:
+    """value_and_grad cases compiled for ``device`` at each bandwidth of SWEEP_TBS."""
+    targets = {tbs: gpu(target_config(device, tbs * 1e12)) for tbs in SWEEP_TBS}
+    print(f"\n{device} with the memory bandwidth set to (TB/s): one kernel?")
+    print("| case | " + " | ".join(f"{t:g}" for t in SWEEP_TBS) + " |")
+    print("|---|" + "---|" * len(SWEEP_TBS))
+    for case in cases(modes=("vg",)):
+        marks = ["yes" if one_kernel(compile_case(case, t)) else "NO" for t in targets.values()]
+        print(f"| {case.label} | " + " | ".join(marks) + " |", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", nargs="+", default=list(DEVICES), choices=list(DEVICES))
+    ap.add_argument("--check", action="store_true", help="exit 1 if a case is not one kernel")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the memory bandwidth")
+    args = ap.parse_args(argv)
+    import jaxlib
+
+    print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; compiled for CUDA without a GPU")
+    failures = check(args.devices)
+    if args.sweep:
+        sweep()
+    if failures:
+        print(f"\n{len(failures)} case(s) not compiled into one kernel:", *failures, sep="\n  ")
+    else:
+        print(f"\nevery case is one kernel on {', '.join(args.devices)}")
+    return 1 if failures and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
