@@ -6,8 +6,8 @@
 #   2. the fused linear loss at B=4096, H=768, C=2^20 and 2^17, bf16 (benchmarks/linear.py);
 #   3. SigLIP at B=65,536, D=768, bf16 (benchmarks/siglip.py);
 #   4. the GPU-relevant tests (tests/test_accuracy.py, test_core.py, the new losses);
-#   5. the compiled kernels for an H100 and an H200 with this device's jax, and for a
-#      range of memory bandwidths (benchmarks/fusion.py, compiled without the GPU).
+#   5. the compiled kernels for an H100 and an H200 with this device's jax
+#      (benchmarks/fusion.py, compiled without the GPU; about 20 s on 2 cores).
 # Each part has its own time limit and log; a part that fails does not stop the others.
 #
 #   bash benchmarks/gpu_session.sh "$OUT"          # e.g. through the device tool
@@ -31,6 +31,6 @@ run() {  # name, seconds, command...
 run bench 300 python3 -m benchmarks.bench --gpu --check --dump-hlo --out "$out/bench"
 run linear 120 python3 -m benchmarks.linear --gpu --out "$out/linear"
 run siglip 150 python3 -m benchmarks.siglip --gpu --out "$out/siglip"
-run fusion 60 python3 -m benchmarks.fusion --check --sweep
+run fusion 90 python3 -m benchmarks.fusion --check
 run tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_accuracy.py tests/test_core.py \
   tests/test_linear.py tests/test_siglip.py tests/test_chunked.py -m "not slow"
