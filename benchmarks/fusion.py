@@ -16,7 +16,10 @@ this check runs on any machine:
   ``report.TEMP_PER_ELEMENT`` bytes per element, for the forward (whose ``where`` mean
   keeps two sets of row sums) one byte per element;
 * ``--sweep`` also compiles the value_and_grad cases for an H100 whose memory
-  bandwidth is set from 1 to 64 TB/s, to show how far each case is from a split.
+  bandwidth is set from 1 to 64 TB/s, to show how far each case is from a split;
+* the losses that never form their logits (``benchmarks/linear.py`` and
+  ``benchmarks/siglip.py``, their GPU shapes) are compiled too, with the materialized
+  loss they replace: their temporary bytes against the GPU targets on memory.
 
 It needs the CUDA plugin of the installed jaxlib (no GPU and no driver) and CUDA's
 ``ptxas`` on the PATH (XLA compiles the kernels to the end)::
@@ -49,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from benchmarks import hlo, impls, report  # noqa: E402
+from benchmarks import hlo, impls, linear, report, siglip  # noqa: E402
 from benchmarks.impls import Case  # noqa: E402
 
 LOG2N = 28
@@ -183,6 +186,52 @@ def check(devices: Sequence[str]) -> list[str]:
     return failures
 
 
+def _temp(fn, device: jax.Device, shapes: Sequence[tuple[tuple[int, ...], Any]]) -> int:
+    """Temporary bytes of ``fn`` compiled for ``device`` on arguments of ``shapes``."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+    compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def scale_memory(devices: Sequence[str]) -> list[str]:
+    """The fused linear loss and SigLIP at their benchmarks' GPU shapes (default chunk),
+    and the materialized losses they replace: temporaries against the GPU targets."""
+    failures = []
+    print("\n| device | loss | shape | temp | materialized | ratio | target | ok |")
+    print("|---|---|---|---|---|---|---|---|")
+    for device in devices:
+        target = gpu(target_config(device))
+        for case in linear.PRESETS["gpu"]["cases"]:
+            b, h, c, k, dt = case["B"], case["H"], case["C"], case["K"], case["dtype"]
+            shapes = [((b, h), dt), ((h, c), dt), ((c,), dt), ((b, k), jnp.int32)]
+            fused = _temp(lambda x, w, bias, i: linear.fused_fn(i, None)(x, w, bias), target,
+                          shapes)  # fmt: skip
+            mat = _temp(lambda x, w, bias, i: linear.materialized_fn(i)(x, w, bias), target,
+                        shapes)  # fmt: skip
+            goal = linear.TARGETS["gpu_temp_bytes"]
+            ok = fused <= goal and mat / fused >= linear.TARGETS["gpu_temp_ratio"]
+            what = f"B={b} H={h} C=2^{c.bit_length() - 1} {dt}"
+            print(f"| {device} | linear | {what} | {fused / 1e6:.1f} MB | {mat / 1e9:.2f} GB | "
+                  f"{mat / fused:.0f}x | <= {goal / 1e9:g} GB, >= "
+                  f"{linear.TARGETS['gpu_temp_ratio']:g}x | {'yes' if ok else 'NO'} |")  # fmt: skip
+            if not ok:
+                failures.append(f"{device}: linear {what}")
+        cfg = siglip.PRESETS["gpu"]
+        b, d, dt = cfg["batch"], cfg["dim"], cfg["dtype"]
+        shapes = [((b, d), dt), ((b, d), dt), ((), jnp.float32), ((), jnp.float32)]
+        fused = _temp(siglip.siglip_fn(None), target, shapes)
+        mat = _temp(siglip.materialized_fn(), target, shapes)
+        goal = siglip.GPU_TARGETS["temp_ratio"]
+        ok = mat / fused >= goal
+        print(f"| {device} | siglip | B={b} D={d} {dt} | {fused / 1e6:.1f} MB | "
+              f"{mat / 1e9:.2f} GB | {mat / fused:.0f}x | >= {goal:g}x | "
+              f"{'yes' if ok else 'NO'} |", flush=True)  # fmt: skip
+        if not ok:
+            failures.append(f"{device}: siglip B={b}")
+    return failures
+
+
 def sweep(device: str = "H100") -> None:
     """value_and_grad cases compiled for ``device`` at each bandwidth of SWEEP_TBS."""
     targets = {tbs: gpu(target_config(device, tbs * 1e12)) for tbs in SWEEP_TBS}
@@ -203,13 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jaxlib
 
     print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; compiled for CUDA without a GPU")
-    failures = check(args.devices)
+    failures = check(args.devices) + scale_memory(args.devices)
     if args.sweep:
         sweep()
     if failures:
-        print(f"\n{len(failures)} case(s) not compiled into one kernel:", *failures, sep="\n  ")
+        print(f"\n{len(failures)} case(s) failed:", *failures, sep="\n  ")
     else:
-        print(f"\nevery case is one kernel on {', '.join(args.devices)}")
+        print(f"\nevery case is one kernel and every temporary within its target on "
+              f"{', '.join(args.devices)}")  # fmt: skip
     return 1 if failures and args.check else 0
 
 

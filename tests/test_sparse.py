@@ -232,9 +232,9 @@ class TestNoDenseLabels:
                 for ln in big
             )
             assert kinds == ["fusion", "param", "scatter"], big
-        # Temporaries: none of [B, C] on CPU. On an H100 (jax 0.11.2) XLA keeps one
-        # [B, C] float32 temporary (256,784 B here) that the scatter patches before it
-        # reaches the output: still no label array, but not in place (docs/performance.md).
+        # Temporaries: none of [B, C] on CPU. On an H100 XLA keeps one [B, C] float32
+        # temporary (256,784 B here): the per-element loss, summed in a kernel of its own
+        # below about 2^20 elements; still no label array (docs/performance.md).
         temp = compiled.memory_analysis().temp_size_in_bytes
         arrays = 1 if jax.default_backend() == "cpu" else 2
         assert temp < arrays * b * c * 4, temp
