@@ -1,0 +1,224 @@
+"""Probe: the mean BCE and its gradient as one Pallas (Triton) kernel.
+
+XLA's code for the fused loss + gradient of 16-bit logits takes about 55 instructions
+per element (``sass_deviceless.py``): XLA emits no fused multiply-add for jnp arithmetic,
+and loss and gradient each take their own ``exp`` so that XLA's fusion does not depend
+on the device (``jaxbce/_core.py``). With one-byte labels that is more than an H200's
+SMs can issue in the time its memory moves 5 bytes (docs/performance.md). This probe
+writes the same math as a Pallas kernel lowered by Triton, which contracts multiply-adds
+and shares one ``exp``: one pass reads logits and labels, writes the gradient and one
+partial sum per row. A ``custom_vjp`` makes it the mean loss: its backward multiplies
+the saved gradient by the cotangent, which XLA folds away under ``value_and_grad`` (the
+cotangent is the constant 1).
+
+Not part of the library: no Hessians, no label gradients, no options. The math is the
+table's GPU formulations for 16-bit logits (``_core.FORMULATIONS``), so results match
+jaxbce's within their accuracy bounds.
+
+    python -m experiments.pallas_fused --check        # CPU: interpret mode vs jaxbce
+    python -m experiments.pallas_fused --sass         # no GPU: SASS per element, H200
+    python -m experiments.pallas_fused --time         # one GPU: vs jaxbce and a copy
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plt  # noqa: E402
+
+import jaxbce  # noqa: E402
+from jaxbce import _elementwise as ew  # noqa: E402
+
+COLS = 1024  # the data as [N / COLS, COLS]
+ROWS = 8  # rows per program
+WARPS = 4
+
+
+def _fma(a, b, c):
+    """``a * b + c`` rounded once (PTX ``fma.rn.f32``; GPU only, no interpret mode)."""
+    (out,) = plt.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;",
+        args=[a, b, c],
+        constraints="=r,r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return out
+
+
+def _log1p_fma(x):
+    """``ew.log1p_unit`` with its nine multiply-adds as FMAs."""
+    p = jnp.full(x.shape, ew.LOG1P_Q[-1], x.dtype)
+    for c in ew.LOG1P_Q[-2::-1]:
+        p = _fma(p, x, jnp.full(x.shape, c, x.dtype))
+    return _fma(x, x * p, x)
+
+
+def _kernel(z_ref, y_ref, g_ref, s_ref, *, scale: float, hard: bool, fma: bool):
+    """One block: the loss's row sums and the gradient of the mean, from one
+    ``e = exp(-|z|)`` (the math of ``_core``'s ``hard-narrow`` and ``fused-narrow``);
+    ``fma``: the polynomial in fused multiply-adds."""
+    z = z_ref[...].astype(jnp.float32)
+    e = jnp.exp(ew.neg_abs(z))
+    lg = _log1p_fma(e) if fma else ew.log1p_unit(e)
+    r = ew.recip_unit(1 + e)
+    if hard:
+        pos = y_ref[...] != 0
+        wrong = pos != (z >= 0)
+        loss = jnp.where(wrong, jnp.abs(z), 0.0) + lg
+        s = jnp.where(wrong, r, e * r)
+        g = jnp.where(pos, -s, s)
+    else:
+        a, b = ew.coefficients(y_ref[...].astype(jnp.float32), None)
+        relu_z, relu_neg_z = ew.relus_max(z)
+        loss = lg + ew.times(a, relu_z) + ew.times(b, relu_neg_z)
+        s_pos, s_neg = ew.sigmoids(z, e, r)
+        g = a * s_pos - b * s_neg
+    g_ref[...] = (g * scale).astype(g_ref.dtype)
+    s_ref[...] = jnp.sum(loss, axis=1)
+
+
+def _call(z, y, *, interpret: bool, fma: bool):
+    rows, cols = z.shape
+    kernel = functools.partial(_kernel, scale=1.0 / z.size, hard=y.dtype != jnp.float32, fma=fma)
+    block = pl.BlockSpec((ROWS, cols), lambda i: (i, 0))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(z.shape, z.dtype),
+            jax.ShapeDtypeStruct((rows,), jnp.float32),
+        ),
+        grid=(rows // ROWS,),
+        in_specs=[block, block],
+        out_specs=(block, pl.BlockSpec((ROWS,), lambda i: (i,))),
+        compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
+        interpret=interpret,
+    )(z, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mean_bce(z: jax.Array, y: jax.Array, interpret: bool = False, fma: bool = False):
+    """The mean BCE of ``[R, COLS]`` logits ``z`` and labels ``y`` (R a multiple of ROWS)."""
+    return _fwd(z, y, interpret, fma)[0]
+
+
+def _fwd(z, y, interpret, fma):
+    g, sums = _call(z, y, interpret=interpret, fma=fma)
+    return jnp.sum(sums) / z.size, g
+
+
+def _bwd(interpret, fma, g, ct):
+    return g * ct.astype(g.dtype), None
+
+
+mean_bce.defvjp(_fwd, _bwd)
+
+
+def _inputs(n: int, logits: str, labels: str):
+    rng = np.random.default_rng(0)
+    z = (2 * rng.standard_normal((n // COLS, COLS), np.float32)).astype(
+        {"f32": np.float32, "bf16": jnp.bfloat16}[logits]
+    )
+    y = rng.random(z.shape) < 0.3
+    y = {"f32": y.astype(np.float32), "bool": y, "int8": y.astype(np.int8)}[labels]
+    return jnp.asarray(z), jnp.asarray(y)
+
+
+PAIRS = [(z, y) for z in ("f32", "bf16") for y in ("f32", "bool", "int8")]
+
+
+def check(n: int = 1 << 16) -> None:
+    """Interpret mode on this machine against jaxbce (which runs its CPU formulation)."""
+    for logits, labels in PAIRS:
+        z, y = _inputs(n, logits, labels)
+        v, g = jax.jit(jax.value_and_grad(lambda z, y: mean_bce(z, y, True)))(z, y)
+        v0, g0 = jax.jit(jax.value_and_grad(jaxbce.binary_cross_entropy_with_logits))(z, y)
+        print(f"  values {float(v):.9g} {float(v0):.9g}")
+        gf, g0f = np.asarray(g, np.float64), np.asarray(g0, np.float64)
+        err_v = abs(float(v) - float(v0)) / abs(float(v0))
+        err_g = np.max(np.abs(gf - g0f)) / np.max(np.abs(g0f))
+        tol = 1e-6 if logits == "f32" else 1e-2  # a bf16 gradient has 8 bits
+        ok = err_v < 1e-6 and err_g < tol
+        print(f"{logits}/{labels}: loss rel. err {err_v:.1e}, gradient {err_g:.1e} "
+              f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+        assert ok
+
+
+def sass(device: str = "H200") -> None:
+    """Static SASS of the kernel, compiled for ``device`` without a GPU."""
+    from benchmarks import fusion
+    from experiments import sass_deviceless as sd
+
+    target = fusion.gpu(fusion.target_config(device))
+    sharding = jax.sharding.SingleDeviceSharding(target)
+    n = 1 << 28
+    for (logits, labels), fma in ((p, f) for p in PAIRS for f in (False, True)):
+        zd = {"f32": jnp.float32, "bf16": jnp.bfloat16}[logits]
+        yd = {"f32": jnp.float32, "bool": jnp.bool_, "int8": jnp.int8}[labels]
+        shape = (n // COLS, COLS)
+        args = (jax.ShapeDtypeStruct(shape, zd, sharding=sharding),
+                jax.ShapeDtypeStruct(shape, yd, sharding=sharding))  # fmt: skip
+        before = set(sd.glob.glob(f"{sd._DUMP}/*.thunk_sequence.txt"))
+        fn = jax.jit(jax.value_and_grad(functools.partial(mean_bce, interpret=False, fma=fma)))
+        compiled = fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+        prefix = sd._new_module(before)
+        kernel, threads = sd._logits_kernel(prefix)
+        ops = sd.sass(prefix, kernel, sd.shutil.which("cuobjdump") or "cuobjdump")
+        per = n // threads
+        mufu = sd.collections.Counter(op for op in ops if op.startswith("MUFU"))
+        temp = compiled.memory_analysis().temp_size_in_bytes / n
+        mufu = {k: v / per for k, v in sorted(mufu.items())}
+        print(f"{device} {logits}/{labels}{' fma' if fma else ''}: {len(ops) / per:.1f} SASS "
+              f"({per} per thread), MUFU {mufu}, temp {temp:.3f} B/element")  # fmt: skip
+
+
+def time(n: int = 1 << 28, repeats: int = 30) -> None:
+    """value_and_grad of the mean at ``n``: this kernel, jaxbce and a copy, interleaved."""
+    from benchmarks import bench, impls
+
+    for logits, labels in PAIRS:
+        z, y = _inputs(n, logits, labels)
+        case = impls.Case(n, logits, labels)
+        copy = impls.copy_fn(case)
+        fns = {
+            "pallas": jax.jit(jax.value_and_grad(mean_bce)),
+            "pallas-fma": jax.jit(
+                jax.value_and_grad(functools.partial(mean_bce, interpret=False, fma=True))
+            ),
+            "jaxbce": jax.jit(jax.value_and_grad(jaxbce.binary_cross_entropy_with_logits)),
+            "copy": jax.jit(functools.partial(copy, aux=None)),
+        }
+        runners = {k: (functools.partial(f, z, y), jax.block_until_ready) for k, f in fns.items()}
+        t = bench.time_interleaved(runners, repeats=repeats, in_flight=8)
+        ms = {k: 1e3 * float(np.median(v)) for k, v in t.items()}
+        print(f"{logits}/{labels}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+              + "; % of copy: " + ", ".join(f"{k} {100 * ms['copy'] / v:.1f}"
+                                            for k, v in ms.items() if k != "copy"),
+              flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sass", action="store_true")
+    ap.add_argument("--time", action="store_true")
+    args = ap.parse_args()
+    if args.check:
+        check()
+    if args.sass:
+        sass()
+    if args.time:
+        time()
+
+
+if __name__ == "__main__":
+    main()
