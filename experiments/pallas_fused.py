@@ -198,6 +198,13 @@ def time(n: int = 1 << 28, repeats: int = 30) -> None:
             "copy": jax.jit(functools.partial(copy, aux=None)),
         }
         runners = {k: (functools.partial(f, z, y), jax.block_until_ready) for k, f in fns.items()}
+        v0, g0 = fns["jaxbce"](z, y)
+        g0 = np.asarray(g0, np.float64)
+        for name in ("pallas", "pallas-fma"):  # the GPU's code against jaxbce's
+            v, g = fns[name](z, y)
+            err_g = np.max(np.abs(np.asarray(g, np.float64) - g0)) / np.max(np.abs(g0))
+            print(f"{logits}/{labels} {name}: loss rel. err "
+                  f"{abs(float(v) / float(v0) - 1):.1e}, gradient {err_g:.1e}")  # fmt: skip
         t = bench.time_interleaved(runners, repeats=repeats, in_flight=8)
         ms = {k: 1e3 * float(np.median(v)) for k, v in t.items()}
         print(f"{logits}/{labels}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
