@@ -39,8 +39,8 @@ import jaxbce  # noqa: E402
 from jaxbce import _elementwise as ew  # noqa: E402
 
 COLS = 1024  # the data as [N / COLS, COLS]
-ROWS = 8  # rows per program
-WARPS = 4
+BLOCK = (8, 4)  # rows per program, warps per program
+BLOCKS = ((8, 4), (16, 4), (16, 8), (32, 8))  # --time: tried for bf16 with FMAs
 
 
 def _fma(a, b, c):
@@ -87,36 +87,38 @@ def _kernel(z_ref, y_ref, g_ref, s_ref, *, scale: float, hard: bool, fma: bool):
     s_ref[...] = jnp.sum(loss, axis=1)
 
 
-def _call(z, y, *, interpret: bool, fma: bool):
+def _call(z, y, *, interpret: bool, fma: bool, block: tuple[int, int]):
     rows, cols = z.shape
     kernel = functools.partial(_kernel, scale=1.0 / z.size, hard=y.dtype != jnp.float32, fma=fma)
-    block = pl.BlockSpec((ROWS, cols), lambda i: (i, 0))
+    rows_per, warps = block
+    block = pl.BlockSpec((rows_per, cols), lambda i: (i, 0))
     return pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct(z.shape, z.dtype),
             jax.ShapeDtypeStruct((rows,), jnp.float32),
         ),
-        grid=(rows // ROWS,),
+        grid=(rows // rows_per,),
         in_specs=[block, block],
-        out_specs=(block, pl.BlockSpec((ROWS,), lambda i: (i,))),
-        compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
+        out_specs=(block, pl.BlockSpec((rows_per,), lambda i: (i,))),
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
     )(z, y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def mean_bce(z: jax.Array, y: jax.Array, interpret: bool = False, fma: bool = False):
-    """The mean BCE of ``[R, COLS]`` logits ``z`` and labels ``y`` (R a multiple of ROWS)."""
-    return _fwd(z, y, interpret, fma)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def mean_bce(z, y, interpret: bool = False, fma: bool = False, block=BLOCK) -> jax.Array:
+    """The mean BCE of ``[R, COLS]`` logits ``z`` and labels ``y``; ``block``: rows and
+    warps per program (R a multiple of its rows)."""
+    return _fwd(z, y, interpret, fma, block)[0]
 
 
-def _fwd(z, y, interpret, fma):
-    g, sums = _call(z, y, interpret=interpret, fma=fma)
+def _fwd(z, y, interpret, fma, block):
+    g, sums = _call(z, y, interpret=interpret, fma=fma, block=block)
     return jnp.sum(sums) / z.size, g
 
 
-def _bwd(interpret, fma, g, ct):
+def _bwd(interpret, fma, block, g, ct):
     return g * ct.astype(g.dtype), None
 
 
@@ -182,25 +184,25 @@ def sass(device: str = "H200") -> None:
 
 
 def time(n: int = 1 << 28, repeats: int = 30) -> None:
-    """value_and_grad of the mean at ``n``: this kernel, jaxbce and a copy, interleaved."""
+    """value_and_grad of the mean at ``n``: this kernel (with FMAs, for bf16 logits in
+    each of BLOCKS), jaxbce and a copy, interleaved."""
     from benchmarks import bench, impls
 
     for logits, labels in PAIRS:
         z, y = _inputs(n, logits, labels)
         case = impls.Case(n, logits, labels)
         copy = impls.copy_fn(case)
-        fns = {
-            "pallas": jax.jit(jax.value_and_grad(mean_bce)),
-            "pallas-fma": jax.jit(
-                jax.value_and_grad(functools.partial(mean_bce, interpret=False, fma=True))
-            ),
-            "jaxbce": jax.jit(jax.value_and_grad(jaxbce.binary_cross_entropy_with_logits)),
-            "copy": jax.jit(functools.partial(copy, aux=None)),
-        }
+        blocks = BLOCKS if logits == "bf16" else (BLOCK,)
+        fns = {"pallas": jax.jit(jax.value_and_grad(mean_bce))}
+        for block in blocks:
+            kernel = functools.partial(mean_bce, interpret=False, fma=True, block=block)
+            fns[f"pallas-fma-{block[0]}x{block[1]}"] = jax.jit(jax.value_and_grad(kernel))
+        fns["jaxbce"] = jax.jit(jax.value_and_grad(jaxbce.binary_cross_entropy_with_logits))
+        fns["copy"] = jax.jit(functools.partial(copy, aux=None))
         runners = {k: (functools.partial(f, z, y), jax.block_until_ready) for k, f in fns.items()}
         v0, g0 = fns["jaxbce"](z, y)
         g0 = np.asarray(g0, np.float64)
-        for name in ("pallas", "pallas-fma"):  # the GPU's code against jaxbce's
+        for name in (k for k in fns if k.startswith("pallas")):  # the GPU's code vs jaxbce's
             v, g = fns[name](z, y)
             err_g = np.max(np.abs(np.asarray(g, np.float64) - g0)) / np.max(np.abs(g0))
             print(f"{logits}/{labels} {name}: loss rel. err "
