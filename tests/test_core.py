@@ -126,6 +126,30 @@ def test_every_table_entry_has_its_kernel(key):
     assert ("rsqrt" in text) is narrow
 
 
+@pytest.mark.parametrize("key", list(_core.FORMULATIONS))
+def test_gpu_loss_and_gradient_share_an_exp_only_for_float32_logits(key):
+    """Lowered for a GPU and after CSE (as XLA does before fusing), the value_and_grad of
+    a 16-bit kernel holds two ``exp`` ops, the loss's and the gradient's: a shared one
+    is a producer that XLA's fusion cost model may write out as an N-sized array on a
+    device with more memory bandwidth (docs/performance.md, H200). float32 logits share
+    one. ``benchmarks/fusion.py`` checks the compiled kernels themselves."""
+    from jax._src.interpreters import mlir
+    from jaxlib.mlir import ir, passmanager
+
+    hard, narrow = key
+    kernel = _core.KERNELS[key]
+    z = jnp.linspace(-5.0, 5.0, 64, dtype=jnp.bfloat16 if narrow else jnp.float32)
+    y = jnp.ones(64, bool) if hard else jnp.full(64, 0.3)
+    f = jax.value_and_grad(lambda z: jnp.sum(kernel(z, y, None)))
+    text = jax.jit(f).trace(z).lower(lowering_platforms=("cuda",)).as_text()
+    with mlir.make_ir_context():
+        module = ir.Module.parse(text)
+        passes = "builtin.module(inline,canonicalize,cse)"
+        passmanager.PassManager.parse(passes).run(module.operation)
+        text = str(module)
+    assert text.count("stablehlo.exponential") == (2 if narrow else 1)
+
+
 @pytest.mark.parametrize("key", list(_core.KERNELS))
 def test_every_kernel_is_the_cpu_formulation_on_cpu(key):
     """On CPU every kernel computes the CPU formulation: identical values and derivatives
