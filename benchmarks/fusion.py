@@ -1,4 +1,4 @@
-"""What XLA compiles the loss into for a GPU, checked without one.
+"""What XLA compiles the loss into for a GPU (and a TPU), checked without one.
 
 The loss is fast on a GPU only when XLA compiles value_and_grad into one kernel that
 reads the logits and labels once and writes the gradient (plus the small second stage
@@ -19,14 +19,19 @@ this check runs on any machine:
   bandwidth is set from 1 to 64 TB/s, to show how far each case is from a split;
 * the losses that never form their logits (``benchmarks/linear.py`` and
   ``benchmarks/siglip.py``, their GPU shapes) are compiled too, with the materialized
-  loss they replace: their temporary bytes against the GPU targets on memory.
+  loss they replace: their temporary bytes against the GPU targets on memory;
+* ``--tpu`` compiles the value_and_grad cases for the TPUs of :data:`TPUS` (libtpu
+  compiles for a TPU topology without one; about 3 s a case), with the same criteria
+  but for ``where``: XLA:TPU reads the inputs twice there (the mean's count and the
+  loss in one pass, the gradient in another), which is reported, not judged.
 
 It needs the CUDA plugin of the installed jaxlib (no GPU and no driver) and CUDA's
-``ptxas`` on the PATH (XLA compiles the kernels to the end)::
+``ptxas`` on the PATH (XLA compiles the kernels to the end), and for ``--tpu`` the
+libtpu that jax asks for::
 
     v=$(python -c "import jaxlib; print(jaxlib.__version__)")
-    pip install "jax-cuda13-plugin==$v" "jax-cuda13-pjrt==$v"
-    python -m benchmarks.fusion --check [--sweep]
+    pip install "jax-cuda13-plugin==$v" "jax-cuda13-pjrt==$v" "jax[tpu]==$v"
+    python -m benchmarks.fusion --check [--tpu] [--sweep]
 
 The compilation is real, not the timing: a fused kernel can still be slow, which only a
 GPU tells (``bench --gpu --check``). The device descriptions hold what XLA's cost model
@@ -63,6 +68,7 @@ DEVICES: dict[str, tuple[tuple[int, int], int, float, float, int, str]] = {
     "H200": ((9, 0), 132, 1.98, 4.8e12, 141 << 30, "NVIDIA H200"),
 }
 SWEEP_TBS = (1, 2, 3.35, 4.8, 8, 16, 32, 64)  # --sweep: memory bandwidths, TB/s
+TPUS = {"TPU v5e": "v5e:2x2", "TPU v6e": "v6e:2x2"}  # --tpu: value_and_grad only
 
 _CONFIG = """gpu_device_info {{
   threads_per_block_limit: 1024
@@ -118,6 +124,15 @@ def gpu(config: str) -> jax.Device:
     return topology.devices[0]
 
 
+def tpu(topology: str) -> jax.Device:
+    """A compile-only TPU, the first chip of ``topology`` (libtpu's names)."""
+    return topologies.get_topology_desc(topology, "tpu").devices[0]
+
+
+def _platform(device: jax.Device) -> str:
+    return "cuda" if device.platform == "gpu" else device.platform
+
+
 def cases(modes: Sequence[str] = impls.MODES) -> list[Case]:
     """The benchmark's GPU table at 2^28: every dtype pair and option, each mode."""
     n = 1 << LOG2N
@@ -150,37 +165,39 @@ def compile_case(case: Case, device: jax.Device) -> dict[str, Any]:
         aux,
     )
     fn = jax.jit(impls.jax_callable("jaxbce", case))
-    compiled = fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    compiled = fn.trace(*args).lower(lowering_platforms=(_platform(device),)).compile()
     return hlo.summarize(compiled, case.n)
 
 
-def one_kernel(summary: dict[str, Any], mode: str = "vg") -> bool:
-    """One kernel reads the logits, and no N-sized temporary."""
+def one_kernel(summary: dict[str, Any], mode: str = "vg", readers: bool = True) -> bool:
+    """One kernel reads the logits (unless not ``readers``), and no N-sized temporary."""
     most = report.TEMP_PER_ELEMENT if mode == "vg" else 1.0
-    return summary["logits_readers"] == 1 and 0 <= summary["temp_per_element"] < most
+    one = summary["logits_readers"] == 1 or not readers
+    return one and 0 <= summary["temp_per_element"] < most
 
 
 def _name(case: Case) -> str:
     return f"{case.mode} {case.label}"
 
 
-def check(devices: Sequence[str]) -> list[str]:
+def check(targets: dict[str, jax.Device]) -> list[str]:
     """Compiles every case for each device; prints a table, returns the failures."""
     failures = []
-    for device in devices:
-        target = gpu(target_config(device))
-        print(f"\n{device} ({DEVICES[device][5]}, {DEVICES[device][3] / 1e12:g} TB/s)")
+    for device, target in targets.items():
+        extra = f", {DEVICES[device][3] / 1e12:g} TB/s" if device in DEVICES else ""
+        print(f"\n{device} ({target.device_kind}{extra})")
         print("| case | fusions (entry) | fusions reading logits / labels | temp B/elem | ok |")
         print("|---|---|---|---|---|")
-        for case in cases():
+        for case in cases(("vg",) if target.platform == "tpu" else impls.MODES):
             s = compile_case(case, target)
-            ok = one_kernel(s, case.mode)
+            judged = target.platform != "tpu" or case.option != "where"
+            ok = one_kernel(s, case.mode, readers=judged)
             if not ok:
                 failures.append(f"{device}: {_name(case)}")
             print(
                 f"| {_name(case)} | {len(s['fusions'])} | {s['logits_readers']} / "
                 f"{s['labels_readers']} | {s['temp_per_element']:.3f} | "
-                f"{'yes' if ok else 'NO'} |",
+                f"{('yes' if s['logits_readers'] == 1 else 'yes, read twice') if ok else 'NO'} |",
                 flush=True,
             )
     return failures
@@ -190,7 +207,7 @@ def _temp(fn, device: jax.Device, shapes: Sequence[tuple[tuple[int, ...], Any]])
     """Temporary bytes of ``fn`` compiled for ``device`` on arguments of ``shapes``."""
     sharding = jax.sharding.SingleDeviceSharding(device)
     args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
-    compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=(_platform(device),)).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
@@ -248,18 +265,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--devices", nargs="+", default=list(DEVICES), choices=list(DEVICES))
     ap.add_argument("--check", action="store_true", help="exit 1 if a case is not one kernel")
     ap.add_argument("--sweep", action="store_true", help="also sweep the memory bandwidth")
+    ap.add_argument("--tpu", action="store_true", help="also compile for the TPUS")
     args = ap.parse_args(argv)
     import jaxlib
 
-    print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; compiled for CUDA without a GPU")
-    failures = check(args.devices) + scale_memory(args.devices)
+    print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; compiled without the devices")
+    targets = {d: gpu(target_config(d)) for d in args.devices}
+    if args.tpu:
+        targets |= {name: tpu(topology) for name, topology in TPUS.items()}
+    failures = check(targets) + scale_memory(args.devices)
     if args.sweep:
         sweep()
     if failures:
         print(f"\n{len(failures)} case(s) failed:", *failures, sep="\n  ")
     else:
         print(f"\nevery case is one kernel and every temporary within its target on "
-              f"{', '.join(args.devices)}")  # fmt: skip
+              f"{', '.join(targets)}")  # fmt: skip
     return 1 if failures and args.check else 0
 
 

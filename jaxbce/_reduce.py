@@ -36,20 +36,22 @@ def sum_rows_for(dtype: Any) -> int:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def sum_all(x: jax.Array, rows: int = SUM_ROWS) -> jax.Array:
-    """``jnp.sum(x)``, written so that on GPU and TPU XLA fuses it with the element-wise
-    work producing ``x`` into one kernel at the memory limit.
+    """``jnp.sum(x)``, written so that on a GPU XLA fuses it with the element-wise work
+    producing ``x`` into one kernel at the memory limit.
 
-    XLA turns one large sum into a ``[16384, 16384]`` row reduction whose fused side
+    XLA:GPU turns one large sum into a ``[16384, 16384]`` row reduction whose fused side
     outputs (the gradient) run well below copy speed; summing ``[N / rows, rows]`` rows,
     then the row sums, does not. The optimization barrier keeps XLA from merging the two
     sums again; the JVP is the plain sum, so the barrier never reaches a derivative. CPU
-    keeps the single sum (its reduction fusion wants it), as does an ``N`` that is not a
-    multiple of ``rows``.
+    and TPU keep the single sum: XLA:CPU's reduction fusion wants it, and XLA:TPU writes
+    the rows' partial sums as an array of ``N / 8`` floats or more (one 128-lane vector
+    per row), where the single sum fuses with no temporary. So does an ``N`` that is not
+    a multiple of ``rows``.
     """
     if x.size == 0 or x.size % rows:
         return jnp.sum(x)
     return jax.lax.platform_dependent(
-        x, cpu=jnp.sum, default=functools.partial(sum_by_rows, rows=rows)
+        x, cpu=jnp.sum, tpu=jnp.sum, default=functools.partial(sum_by_rows, rows=rows)
     )
 
 
