@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a session with one GPU should measure, in one device call (about 8 minutes):
+# Everything a session with one GPU should measure, in one device call (8-10 minutes):
 #   1. the guard: value_and_grad and forward tables at 2^28 for every logits/labels dtype
 #      pair and option, checked against the targets (benchmarks/report.py), with the
 #      compiled HLO of each jaxbce case;
@@ -12,6 +12,8 @@
 #      gradient, with and without FMAs, against jaxbce and a copy at 2^28.
 # The parts run in this order of importance: bench, fusion, pallas, linear, siglip, tests.
 # Each part has its own time limit and log; a part that fails does not stop the others.
+# The limits add up to more than a device call's 10 minutes: whatever the call's own
+# limit cuts off is the least important part, and OUT still comes back.
 #
 #   bash benchmarks/gpu_session.sh "$OUT"          # e.g. through the device tool
 #
