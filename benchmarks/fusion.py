@@ -145,27 +145,25 @@ def cases(modes: Sequence[str] = impls.MODES) -> list[Case]:
     ]
 
 
+def compile_for(fn, device: jax.Device, shapes: Sequence[tuple[tuple[int, ...], Any] | None]):
+    """``jax.jit(fn)`` compiled for ``device`` on arguments of ``(shape, dtype)`` (None
+    passes None)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = [None if s is None else jax.ShapeDtypeStruct(*s, sharding=sharding) for s in shapes]
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(_platform(device),)).compile()
+
+
 def compile_case(case: Case, device: jax.Device) -> dict[str, Any]:
     """jaxbce's function of ``case`` compiled for ``device``: ``hlo.summarize``."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
     shape = (case.n // impls.CLASSES, impls.CLASSES)
-
-    def arg(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
     aux = {
         "none": None,
-        "pos_weight": arg((impls.CLASSES,), jnp.float32),
-        "weight": arg((impls.CLASSES,), jnp.float32),
-        "where": arg(shape, jnp.bool_),
+        "pos_weight": ((impls.CLASSES,), jnp.float32),
+        "weight": ((impls.CLASSES,), jnp.float32),
+        "where": (shape, jnp.bool_),
     }[case.option]
-    args = (
-        arg(shape, impls.LOGIT_DTYPES[case.logits]),
-        arg(shape, impls.LABEL_DTYPES[case.labels]),
-        aux,
-    )
-    fn = jax.jit(impls.jax_callable("jaxbce", case))
-    compiled = fn.trace(*args).lower(lowering_platforms=(_platform(device),)).compile()
+    shapes = [(shape, impls.LOGIT_DTYPES[case.logits]), (shape, impls.LABEL_DTYPES[case.labels])]
+    compiled = compile_for(impls.jax_callable("jaxbce", case), device, [*shapes, aux])
     return hlo.summarize(compiled, case.n)
 
 
@@ -205,10 +203,7 @@ def check(targets: dict[str, jax.Device]) -> list[str]:
 
 def _temp(fn, device: jax.Device, shapes: Sequence[tuple[tuple[int, ...], Any]]) -> int:
     """Temporary bytes of ``fn`` compiled for ``device`` on arguments of ``shapes``."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
-    compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=(_platform(device),)).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return int(compile_for(fn, device, shapes).memory_analysis().temp_size_in_bytes)
 
 
 def scale_memory(devices: Sequence[str]) -> list[str]:

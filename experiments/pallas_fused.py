@@ -28,6 +28,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -161,26 +162,20 @@ def sass(device: str = "H200") -> None:
     from experiments import sass_deviceless as sd
 
     target = fusion.gpu(fusion.target_config(device))
-    sharding = jax.sharding.SingleDeviceSharding(target)
+    cuobjdump = shutil.which("cuobjdump") or "cuobjdump"
     n = 1 << 28
     for (logits, labels), fma in ((p, f) for p in PAIRS for f in (False, True)):
         zd = {"f32": jnp.float32, "bf16": jnp.bfloat16}[logits]
         yd = {"f32": jnp.float32, "bool": jnp.bool_, "int8": jnp.int8}[labels]
         shape = (n // COLS, COLS)
-        args = (jax.ShapeDtypeStruct(shape, zd, sharding=sharding),
-                jax.ShapeDtypeStruct(shape, yd, sharding=sharding))  # fmt: skip
-        before = set(sd.glob.glob(f"{sd._DUMP}/*.thunk_sequence.txt"))
-        fn = jax.jit(jax.value_and_grad(functools.partial(mean_bce, interpret=False, fma=fma)))
-        compiled = fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
-        prefix = sd._new_module(before)
-        kernel, threads = sd._logits_kernel(prefix)
-        ops = sd.sass(prefix, kernel, sd.shutil.which("cuobjdump") or "cuobjdump")
-        per = n // threads
-        mufu = sd.collections.Counter(op for op in ops if op.startswith("MUFU"))
+        fn = jax.value_and_grad(functools.partial(mean_bce, interpret=False, fma=fma))
+        shapes = [(shape, zd), (shape, yd)]
+        compile_fn = functools.partial(fusion.compile_for, fn, target, shapes)
+        compiled, stats = sd.kernel_sass(compile_fn, n, cuobjdump)
         temp = compiled.memory_analysis().temp_size_in_bytes / n
-        mufu = {k: v / per for k, v in sorted(mufu.items())}
-        print(f"{device} {logits}/{labels}{' fma' if fma else ''}: {len(ops) / per:.1f} SASS "
-              f"({per} per thread), MUFU {mufu}, temp {temp:.3f} B/element")  # fmt: skip
+        print(f"{device} {logits}/{labels}{' fma' if fma else ''}: "
+              f"{stats['sass_per_element']:.1f} SASS ({stats['elements_per_thread']} per "
+              f"thread), MUFU {stats['mufu_per_element']}, temp {temp:.3f} B/element")  # fmt: skip
 
 
 def time(n: int = 1 << 28, repeats: int = 30) -> None:

@@ -63,28 +63,33 @@ def sass(prefix: str, kernel: str, cuobjdump: str) -> list[str]:
     return [op for op in _SASS.findall(text) if op != "NOP"]
 
 
-def measure(case: Case, device, cuobjdump: str) -> dict:
+def kernel_sass(compile_fn, n: int, cuobjdump: str) -> tuple[object, dict]:
+    """``compile_fn()`` (which compiles one module, of ``n`` elements) and the SASS
+    statistics of its first kernel, the one reading the logits."""
     before = set(glob.glob(f"{_DUMP}/*.thunk_sequence.txt"))
-    summary = fusion.compile_case(case, device)
+    result = compile_fn()
     prefix = _new_module(before)
     kernel, threads = _logits_kernel(prefix)
     ops = sass(prefix, kernel, cuobjdump)
-    per_thread = case.n // threads
+    per_thread = n // threads
     count = collections.Counter(op.split(".")[0] for op in ops)
-    return {
-        "case": case.label,
+    return result, {
         "kernel": kernel,
         "elements_per_thread": per_thread,
         "sass_per_element": round(len(ops) / per_thread, 1),
         "mufu_per_element": {
-            op: n / per_thread
-            for op, n in sorted(collections.Counter(ops).items())
+            op: k / per_thread
+            for op, k in sorted(collections.Counter(ops).items())
             if op.startswith("MUFU")
         },
         "ldg": count["LDG"],
         "loop": any(op.startswith("BRA") for op in ops[:-2]),
-        "one_kernel": fusion.one_kernel(summary),
     }
+
+
+def measure(case: Case, device, cuobjdump: str) -> dict:
+    summary, stats = kernel_sass(lambda: fusion.compile_case(case, device), case.n, cuobjdump)
+    return {"case": case.label, **stats, "one_kernel": fusion.one_kernel(summary)}
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ lowering:
   loop fusion; each of the two converts the inputs it reads, so that no conversion is
   materialized;
 * :data:`FORMULATIONS`, for GPU and TPU, by (hard labels, 16-bit logits): XLA fuses
-  loss, reduction and gradient into one kernel. Loss and gradient share no costly op
-  (each takes its own ``exp(-|z|)``), so that fusion does not hang on the cost model's
-  view of the device. They get the logits in the compute dtype and the labels as they
-  come.
+  loss, reduction and gradient into one kernel. For 16-bit logits loss and gradient
+  share no costly op (each takes its own ``exp(-|z|)``), so that the fusion does not
+  hang on the cost model's view of the device. They get the inputs converted to the
+  compute dtype first (:func:`_as_compute`).
 
 :data:`KERNELS` holds the kernel of each table entry; :func:`kernel_for` picks one.
 Tests and benchmarks iterate over the same table.
@@ -50,14 +50,14 @@ class Formulation(NamedTuple):
 #
 # XLA's GPU fusion decides producer by producer, before it merges sibling fusions into
 # one kernel. Loss and gradient are two consumers there (a reduction and an element-wise
-# output): an ``exp(-|z|)`` they shared would be a producer XLA either copies into both
-# or writes out as an N-sized array, by its cost model, which weighs the copies' math
-# against the device's memory bandwidth (an H200 writes it out, an H100 does not). So
-# they share no costly op: each takes its own ``exp``, written as a different
-# expression (CSE would merge equal ones), and the labels as they come (a bool is read
-# as is, not converted and compared in a fusion of its own). Shared are only the
-# conversion of 16-bit logits and comparisons, which XLA copies freely.
-# ``benchmarks/fusion.py`` checks the compiled kernels for several GPUs and bandwidths.
+# output): an ``exp(-|z|)`` they share is a producer XLA either copies into both or
+# writes out as an N-sized array, by its cost model, which weighs the copies' math
+# against the device's memory bandwidth (for 16-bit logits an H200 wrote it out, an H100
+# did not). So the 16-bit kernels share no costly op: the gradient takes its own
+# ``exp``, written as another expression (CSE would merge equal ones); what is left
+# shared (the conversion of the inputs, comparisons) XLA copies freely. float32 logits,
+# with less math per byte, keep one shared ``exp`` (a second costs instructions; they
+# stay fused up to about 8 TB/s). ``benchmarks/fusion.py`` checks the compiled kernels.
 
 
 def _exp_neg_abs(z):
