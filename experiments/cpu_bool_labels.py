@@ -22,10 +22,11 @@ about 10x slower: XLA's own exp and log1p); a reduce over columns (3x slower);
 reshapes to rank 9, 11 and 12, or reducers written as ``a - (-b)`` (simplified back into
 YNNPACK's sum).
 
-Times value_and_grad of the mean w.r.t. the logits ("vg") and the mean alone ("fwd"),
-interleaved round-robin, and reports each variant's median time, its median ratio to the
-shipped loss in the same rounds, its temporaries (``memory_analysis``) and its error
-against a float64 reference.
+Times value_and_grad of the mean w.r.t. the logits ("vg") and the mean alone ("fwd") on
+the benchmark's inputs (``benchmarks.impls``), interleaved round-robin
+(``bench.time_interleaved``), and reports each variant's median time, its median ratio
+to the shipped loss in the same rounds, its temporaries (``memory_analysis``) and its
+error against the benchmark's float64 reference.
 
     python -m experiments.cpu_bool_labels [--log2n 22] [--rounds 41]
 """
@@ -33,13 +34,14 @@ against a float64 reference.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxbce
+from benchmarks import bench, impls
 from jaxbce import _core
 
 
@@ -73,11 +75,6 @@ def split_mean(k: int):
     return mean
 
 
-def _reference(z: np.ndarray, y: np.ndarray) -> float:
-    z = z.astype(np.float64)
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--log2n", type=int, default=22)
@@ -85,38 +82,30 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[512, 2048])
     args = ap.parse_args()
     n = 1 << args.log2n
-    rng = np.random.default_rng(0)
-    y_np = rng.random(n) < 0.3
-    y = jnp.asarray(y_np)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, n = 2^{args.log2n}")
-    for dtype in (jnp.float32, jnp.bfloat16):
-        z = jnp.asarray(rng.normal(size=n).astype(np.float32) * 3, dtype)
-        true = _reference(np.asarray(z, np.float32), y_np)
+    for logits in impls.LOGIT_DTYPES:
+        host = impls.host_inputs(n, logits, "bool")  # the bench's inputs and reference
+        z, y = jnp.asarray(host["z"]), jnp.asarray(host["y"])
+        true = impls.reference(n, logits, "bool")["none"]["loss"]
         variants = {"shipped": lambda z, y: jaxbce.binary_cross_entropy_with_logits(z, y)}
         variants |= {f"split-{k}": split_mean(k) for k in args.rows}
         for mode in ("vg", "fwd"):
-            compiled = {}
+            runners = {}
             for name, fn in variants.items():
                 f = jax.value_and_grad(fn) if mode == "vg" else fn
-                compiled[name] = c = jax.jit(f).lower(z, y).compile()
+                c = jax.jit(f).lower(z, y).compile()
+                runners[name] = (functools.partial(c, z, y), jax.block_until_ready)
                 out = c(z, y)
                 value = float(out[0] if mode == "vg" else out)
                 temp = c.memory_analysis().temp_size_in_bytes / n
                 print(
-                    f"{jnp.dtype(dtype).name}/bool {mode:3s} {name:10s} temporaries"
-                    f" {temp:.4f} B/element, mean {value:.7g} (float64 {true:.7g},"
-                    f" relative error {abs(value / true - 1):.1e})"
+                    f"{logits}/bool {mode:3s} {name:10s} temporaries {temp:.4f} B/element,"
+                    f" mean {value:.7g} (float64 {true:.7g}, relative error"
+                    f" {abs(value / true - 1):.1e})"
                 )
-            times = {name: [] for name in compiled}
-            for _ in range(args.rounds):
-                for name, c in compiled.items():
-                    time.sleep(0.005)
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(c(z, y))
-                    times[name].append(time.perf_counter() - t0)
-            base = np.array(times["shipped"])
+            times = bench.time_interleaved(runners, repeats=args.rounds, in_flight=1, pause=0.005)
             for name, ts in times.items():
-                ratio = np.median(np.array(ts) / base)
+                ratio = np.median(ts / times["shipped"])
                 print(f"  {name:10s} {1e3 * np.median(ts):6.2f} ms, {ratio:.2f}x the shipped")
 
 
