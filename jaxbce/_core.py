@@ -14,10 +14,11 @@ lowering:
   loop fusion; each of the two converts the inputs it reads, so that no conversion is
   materialized;
 * :data:`FORMULATIONS`, for GPU and TPU, by (hard labels, 16-bit logits): XLA fuses
-  loss, reduction and gradient into one kernel. For 16-bit logits loss and gradient
-  share no costly op (each takes its own ``exp(-|z|)``), so that the fusion does not
-  hang on the cost model's view of the device. They get the inputs converted to the
-  compute dtype first (:func:`_as_compute`).
+  loss, reduction and gradient into one kernel. Loss and gradient share no costly op
+  in XLA's view (each writes its own ``exp(-|z|)``, which the GPU's machine code
+  computes once), so that the fusion does not hang on the cost model's view of the
+  device. They get the inputs converted to the compute dtype first
+  (:func:`_as_compute`).
 
 :data:`KERNELS` holds the kernel of each table entry; :func:`kernel_for` picks one.
 Tests and benchmarks iterate over the same table.
@@ -53,11 +54,13 @@ class Formulation(NamedTuple):
 # output): an ``exp(-|z|)`` they share is a producer XLA either copies into both or
 # writes out as an N-sized array, by its cost model, which weighs the copies' math
 # against the device's memory bandwidth (for 16-bit logits an H200 wrote it out, an H100
-# did not). So the 16-bit kernels share no costly op: the gradient takes its own
-# ``exp``, written as another expression (CSE would merge equal ones); what is left
-# shared (the conversion of the inputs, comparisons) XLA copies freely. float32 logits,
-# with less math per byte, keep one shared ``exp`` (a second costs instructions; they
-# stay fused up to about 8 TB/s). ``benchmarks/fusion.py`` checks the compiled kernels.
+# did not; for float32 logits a B200 computes the gradient in a second kernel). So loss
+# and gradient share no costly op: the gradient takes its own ``exp`` of ``-|z|``
+# written as a sign bit (``ew.neg_abs_bits``; CSE would merge equal expressions); what
+# is left shared (the conversion of the inputs, comparisons) XLA copies freely. After
+# fusion, LLVM folds the sign bit back into ``-|z|`` and the kernel's machine code
+# computes one ``exp`` (one ``MUFU.EX2`` per element). ``benchmarks/fusion.py`` checks
+# the compiled kernels.
 
 
 def _exp_neg_abs(z):
@@ -66,9 +69,9 @@ def _exp_neg_abs(z):
 
 
 def _exp_neg_abs_apart(z):
-    """``exp(-|z|)`` for the gradients, written as another expression than
-    :func:`_exp_neg_abs`, so that XLA keeps the two apart (see above)."""
-    return jnp.exp(jnp.where(z >= 0, -z, z))
+    """``exp(-|z|)`` for the gradients: the same bits as :func:`_exp_neg_abs`, another
+    expression for XLA, so that it keeps the two apart (see above)."""
+    return jnp.exp(ew.neg_abs_bits(z))
 
 
 def _loss_fused(z, y, pw, *, narrow: bool):
@@ -91,7 +94,7 @@ def _recip(u, narrow: bool):
 
 def _grad_fused(z, y, pw, *, narrow: bool):
     """``(1 - y) sigmoid(z) - pw y sigmoid(-z)``."""
-    e = _exp_neg_abs_apart(z) if narrow else _exp_neg_abs(z)
+    e = _exp_neg_abs_apart(z)
     a, b = ew.coefficients(y, pw)
     s_pos, s_neg = ew.sigmoids(z, e, _recip(1 + e, narrow))
     return a * s_pos - b * s_neg
@@ -116,7 +119,7 @@ def _grad_hard(z, y, pw, *, narrow: bool):
     """``sigmoid(z)`` for negatives, ``-pw sigmoid(-z)`` for positives."""
     pos = y != 0
     wrong = pos != (z >= 0)
-    e = _exp_neg_abs_apart(z) if narrow else _exp_neg_abs(z)
+    e = _exp_neg_abs_apart(z)
     r = _recip(1 + e, narrow)
     s = jnp.where(wrong, r, e * r)  # sigmoid(t), no cancellation
     return jnp.where(pos, -(s if pw is None else pw * s), s)

@@ -704,6 +704,27 @@ def test_log1p_unit_within_2_2_ulp_on_the_unit_interval():
     np.testing.assert_array_equal(ew.log1p_unit(jnp.array([0.0, np.nan])), [0.0, np.nan])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
+def test_neg_abs_bits_is_neg_abs_bit_for_bit(dtype):
+    """The gradients' ``-|z|`` (a sign bit) has the bits of ``-abs(z)`` for signed zeros,
+    subnormals, infinities, NaN of either sign and the extremes, and the derivative of
+    :func:`ew.neg_abs` (-1 at 0, both orders)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        info = jnp.finfo(dtype)
+        z = np.array([0.0, 1.0, 2.5, info.tiny / 4, info.tiny, info.max, np.inf, np.nan])
+        z = jnp.asarray(np.concatenate([z, -z]), dtype)
+        got = np.asarray(jax.jit(ew.neg_abs_bits)(z))
+        assert got.tobytes() == np.asarray(-jnp.abs(z)).tobytes()
+        assert got.tobytes() == np.asarray(ew.neg_abs(z)).tobytes()
+        x = jnp.array([-1.5, -0.0, 0.0, 2.0], dtype)
+        for f in (jax.grad, lambda g: jax.grad(jax.grad(g))):
+            got, want = (
+                jax.vmap(f(lambda t, n=n: jnp.exp(n(t))))(x) for n in (ew.neg_abs_bits, ew.neg_abs)
+            )
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(jax.vmap(jax.grad(ew.neg_abs_bits))(x), [1, -1, -1, -1])
+
+
 def test_log1p_unit_keeps_float64_exact_with_xla_log1p():
     with jax.enable_x64(True):
         x = jnp.linspace(0.0, 1.0, 101, dtype=jnp.float64)
