@@ -10,8 +10,8 @@ this check runs on any machine:
 
 * every case of the benchmark's GPU table (logits {f32, bf16} x labels {f32, bool,
   int8} x options {none, pos_weight, weight, where}, value_and_grad of the mean and the
-  forward, at 2^28 elements) is compiled for each device of :data:`CHECKED` (an H100
-  and an H200), or of ``--devices`` (also a B200, reported, not yet a target);
+  forward, at 2^28 elements) is compiled for each device of :data:`CHECKED` (an H100,
+  an H200 and a B200), or of ``--devices``;
 * a case fails when more than one kernel reads the logits or XLA holds an N-sized
   temporary: for value_and_grad more than the bench's target of
   ``report.TEMP_PER_ELEMENT`` bytes per element, for the forward (whose ``where`` mean
@@ -81,8 +81,8 @@ DEVICES: dict[str, Gpu] = {
     "H200": Gpu((9, 0), 132, 1.98, 4.8e12, 141 << 30, 50 << 20, "NVIDIA H200"),
     "B200": Gpu((10, 0), 148, 1.965, 7.67e12, 178 << 30, 126 << 20, "NVIDIA B200"),
 }
-# The devices, judged by --check by default; the others on request (--devices).
-CHECKED = ("H100", "H200")
+# Judged by --check by default (--devices picks others).
+CHECKED = ("H100", "H200", "B200")
 SWEEP_TBS = (1, 2, 3.35, 4.8, 8, 16, 32, 64)  # --sweep: memory bandwidths, TB/s
 TPUS = {"TPU v5e": "v5e:2x2", "TPU v6e": "v6e:2x2"}  # --tpu: value_and_grad only
 
