@@ -1,10 +1,9 @@
 """Probe: the mean BCE and its gradient as one Pallas (Triton) kernel.
 
-XLA's code for the fused loss + gradient of 16-bit logits takes about 55 instructions
-per element (``sass_deviceless.py``): XLA emits no fused multiply-add for jnp arithmetic,
-and loss and gradient each take their own ``exp`` so that XLA's fusion does not depend
-on the device (``jaxbce/_core.py``). With one-byte labels that is more than an H200's
-SMs can issue in the time its memory moves 5 bytes (docs/performance.md). This probe
+XLA's code for the fused loss + gradient of 16-bit logits takes about 46 instructions
+per element with one-byte labels (``sass_deviceless.py``): XLA emits no fused
+multiply-add for jnp arithmetic. That is more than an H200's SMs can issue in the time
+its memory moves 5 bytes at 90% of copy (docs/performance.md). This probe
 writes the same math as a Pallas kernel lowered by Triton, which contracts multiply-adds
 and shares one ``exp``: one pass reads logits and labels, writes the gradient and one
 partial sum per row. A ``custom_vjp`` makes it the mean loss: its backward multiplies
