@@ -311,7 +311,10 @@ class TestRing:
         want = ring_results["single"]
         for n in RING_DEVICES:
             got = ring_results["ring"][str(n)]
-            np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-7)
+            # The same sum in another order: within a few float32 ulp (0-1 ulp with jax
+            # 0.10.2, 2 with 0.12.0.1 for the one-device ring).
+            ulp = abs(got["loss"] - want["loss"]) / np.spacing(np.float32(want["loss"]))
+            assert ulp <= 4, (n, got["loss"], want["loss"])
             for key in ("dx", "dy", "dscale", "dbias"):
                 np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
             assert got["loss_on_every_device"] == [got["loss"]] * n
